@@ -1,0 +1,156 @@
+-- common.lua: helpers prepended to every pactown-redis script.
+--
+-- The loader places this file in front of each script, so every script
+-- sees these locals. It writes nothing and reads only what its callers
+-- pass in.
+--
+-- Clock: now_us() reads the server's TIME. A non-empty override (used only
+-- by tests and simulations that must control time) replaces it; production
+-- callers always send an empty string.
+
+local function now_us(override)
+  if override ~= '' then
+    return tonumber(override)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Redis turns a Lua number into an integer reply, so fractions travel as
+-- strings with enough digits to round-trip a double.
+local function fstr(x)
+  return string.format('%.17g', x)
+end
+
+-- Profile fields that must hold a non-negative integer, with the slot of
+-- the default in the caller's ARGV list of defaults.
+local PROFILE_NUMBERS = {'conc', 'mem', 'cpu', 'rpm', 'sph'}
+
+-- Reads a user's profile hash. A missing profile yields the defaults the
+-- caller passed (the default tier). Returns nil and the name of the first
+-- bad field when the stored profile is not one this library wrote.
+local function read_profile(key, defaults)
+  local raw = redis.call('HGETALL', key)
+  local p = {}
+  if #raw == 0 then
+    for i, name in ipairs(PROFILE_NUMBERS) do
+      p[name] = defaults[i]
+    end
+    p.tier = defaults.tier
+    p.ports = '*'
+    p.blocked = '0'
+    p.reason = ''
+    return p
+  end
+  for i = 1, #raw, 2 do
+    p[raw[i]] = raw[i + 1]
+  end
+  for _, name in ipairs(PROFILE_NUMBERS) do
+    local n = tonumber(p[name])
+    if n == nil or n < 0 or n ~= math.floor(n) or n > 1e12 then
+      return nil, name
+    end
+    p[name] = n
+  end
+  if p.rpm < 1 then
+    return nil, 'rpm'
+  end
+  if p.blocked ~= '0' and p.blocked ~= '1' then
+    return nil, 'blocked'
+  end
+  if type(p.ports) ~= 'string' or not (p.ports == '*'
+      or string.match(p.ports, '^,[%d,]*$')) then
+    return nil, 'ports'
+  end
+  if type(p.tier) ~= 'string' or p.tier == '' then
+    return nil, 'tier'
+  end
+  p.reason = p.reason or ''
+  return p
+end
+
+-- A token bucket read at time now (microseconds). Tokens never exceed the
+-- capacity, and a clock that went backwards refills nothing: the stored
+-- timestamp is kept until the clock passes it again.
+local function read_bucket(key, capacity, now)
+  local state = redis.call('HMGET', key, 't', 'ts')
+  local tokens, ts = tonumber(state[1]), tonumber(state[2])
+  if tokens == nil or ts == nil then
+    return capacity, now
+  end
+  return tokens, ts
+end
+
+local function refill(tokens, ts, capacity, per_us, now)
+  if now > ts then
+    tokens = tokens + (now - ts) * per_us
+    ts = now
+  end
+  return math.min(capacity, tokens), ts
+end
+
+-- Stores a bucket, or deletes it when full: a missing bucket reads as full,
+-- so an idle user leaves nothing behind. The TTL is the time to refill.
+local function write_bucket(key, tokens, ts, capacity, per_us)
+  if tokens >= capacity then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 't', fstr(tokens), 'ts', fstr(ts))
+  local ttl_ms = math.ceil((capacity - tokens) / per_us / 1000) + 1
+  redis.call('PEXPIRE', key, ttl_ms)
+end
+
+-- Drops leases whose expiry (milliseconds) has passed, with their metadata.
+local function purge_leases(svc_key, meta_key, now_ms)
+  local expired = redis.call('ZRANGEBYSCORE', svc_key, '-inf', fstr(now_ms))
+  if #expired > 0 then
+    redis.call('ZREM', svc_key, unpack(expired))
+    redis.call('HDEL', meta_key, unpack(expired))
+  end
+  return expired
+end
+
+-- Keeps the lease set, its metadata and the fencing counter alive exactly
+-- as long as the latest lease (the counter for a grace period beyond it),
+-- and removes them when no lease is left.
+local function refresh_lease_ttl(svc_key, meta_key, fence_key, now_ms,
+                                 grace_ms)
+  local last = redis.call('ZRANGE', svc_key, -1, -1, 'WITHSCORES')
+  if #last == 0 then
+    redis.call('DEL', svc_key, meta_key)
+    return
+  end
+  local ttl_ms = math.max(1, math.ceil(tonumber(last[2]) - now_ms))
+  redis.call('PEXPIRE', svc_key, ttl_ms)
+  redis.call('PEXPIRE', meta_key, ttl_ms)
+  if redis.call('EXISTS', fence_key) == 1 then
+    redis.call('PEXPIRE', fence_key, ttl_ms + grace_ms)
+  end
+end
+
+-- Hands out the next fencing token. Tokens come from the clock, so they
+-- keep growing after the counter has expired, and from the counter, so
+-- they keep growing if the clock steps back. The counter remembers when it
+-- was created ('born'): a lease older than its counter was lost with the
+-- rest of the user's state, not released.
+local function next_fence(fence_key, now)
+  local state = redis.call('HMGET', fence_key, 'last', 'born')
+  local last = tonumber(state[1]) or 0
+  local fence = math.max(now, last + 1)
+  if state[2] then
+    redis.call('HSET', fence_key, 'last', fstr(fence))
+  else
+    redis.call('HSET', fence_key, 'last', fstr(fence), 'born', fstr(now))
+  end
+  return fence
+end
+
+-- Lease metadata is "memory cpu fence" in one hash field per service.
+local function parse_meta(raw)
+  if not raw then
+    return 0, 0, 0
+  end
+  local mem, cpu, fence = string.match(raw, '^(%S+) (%S+) (%S+)$')
+  return tonumber(mem) or 0, tonumber(cpu) or 0, tonumber(fence) or 0
+end

@@ -1,0 +1,33 @@
+-- release_service.lua: frees a service's slot.
+--
+-- KEYS[1]  leases: sorted set, member = service id, score = expiry (ms)
+-- KEYS[2]  lease metadata hash: service id -> "memory cpu fence"
+-- KEYS[3]  fencing counter hash {last, born}
+-- ARGV[1]  clock override in microseconds, '' for the server's TIME
+-- ARGV[2]  fencing counter grace beyond the last lease, milliseconds
+-- ARGV[3]  service id
+-- ARGV[4]  fence of the caller's lease, '' to release whatever holds it
+--
+-- Returns 1 when a lease was removed, 0 when there was none or it belongs
+-- to another fence (a newer holder keeps its slot).
+--
+-- Writes: removes the lease and its metadata; TTLs as in start_service.lua.
+
+local svc_key, meta_key, fence_key = KEYS[1], KEYS[2], KEYS[3]
+local clock = ARGV[1]
+local grace_ms = tonumber(ARGV[2])
+local service_id = ARGV[3]
+local fence = tonumber(ARGV[4])
+
+local now_ms = math.floor(now_us(clock) / 1000)
+local removed = 0
+local _, _, current = parse_meta(redis.call('HGET', meta_key, service_id))
+if redis.call('ZSCORE', svc_key, service_id)
+    and (fence == nil or fence == current) then
+  redis.call('ZREM', svc_key, service_id)
+  redis.call('HDEL', meta_key, service_id)
+  removed = 1
+end
+purge_leases(svc_key, meta_key, now_ms)
+refresh_lease_ttl(svc_key, meta_key, fence_key, now_ms, grace_ms)
+return removed

@@ -1,0 +1,554 @@
+"""Policy logic shared by the async and the sync API.
+
+Builds each script call and reads each reply; performs no I/O, so the two
+APIs differ only in how they send a call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from ._validate import check_id, check_number
+from .errors import BackendError, CorruptProfileError
+from .keys import KeySpace, UserKeys
+from .models import (
+    TIER_LIMITS,
+    AnomalyType,
+    RateLimitResult,
+    Severity,
+    UserProfile,
+    UserTier,
+    finite_or_inf,
+)
+from .scripts import ScriptCall, script
+
+HOUR_MS = 3_600_000
+MAX_COST = 1e9
+MAX_MEMORY_MB = float(1 << 30)
+MAX_CPU_PERCENT = 1e6
+
+# Profile fields as stored in the profile hash, next to the model's names.
+_PROFILE_FIELDS = (
+    ("conc", "max_concurrent_services"),
+    ("mem", "max_memory_mb"),
+    ("cpu", "max_cpu_percent"),
+    ("rpm", "max_requests_per_minute"),
+    ("sph", "max_services_per_hour"),
+)
+
+
+def text(value: Any) -> str:
+    """Decode a reply element, whichever RESP version or decoding is on."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape")
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The configuration every decision is made with."""
+
+    keys: KeySpace
+    default_tier: UserTier
+    lease_ms: int
+    start_burst: int
+    start_per_minute: float
+    rapid_window_ms: int = 60_000
+    rapid_threshold: int = 5
+    fence_grace_ms: int = HOUR_MS
+    request_id_window_ms: int = 60_000
+    clock: Optional[Callable[[], float]] = field(default=None)
+
+    def now_arg(self) -> str:
+        """Return the clock override argument: '' means the server's TIME."""
+        if self.clock is None:
+            return ""
+        return str(int(self.clock() * 1_000_000))
+
+    def default_args(self) -> list[str]:
+        """Return the default tier's numbers and name, as scripts take them."""
+        limits = TIER_LIMITS[self.default_tier]
+        numbers = [str(limits[name]) for _, name in _PROFILE_FIELDS]
+        return numbers + [self.default_tier.value]
+
+
+# -- profiles --------------------------------------------------------------
+
+
+def profile_to_hash(profile: UserProfile) -> dict[str, str]:
+    """Return the fields of a profile as stored in its hash."""
+    stored = {
+        short: str(getattr(profile, name)) for short, name in _PROFILE_FIELDS
+    }
+    ports = profile.allowed_ports
+    stored["ports"] = "*" if ports is None else (
+        "," + "".join(f"{p}," for p in ports)
+    )
+    stored["tier"] = profile.tier.value
+    stored["blocked"] = "1" if profile.blocked else "0"
+    stored["reason"] = profile.reason or ""
+    return stored
+
+
+def hash_to_profile(
+    user_id: str, raw: Mapping[Any, Any], rules: Rules
+) -> UserProfile:
+    """Rebuild a profile from its hash; an empty hash is the default tier.
+
+    Raises:
+        CorruptProfileError: the hash was not written by this package.
+    """
+    if not raw:
+        return UserProfile.from_tier(user_id, rules.default_tier)
+    stored = {text(k): text(v) for k, v in raw.items()}
+    data: dict[str, Any] = {"user_id": user_id}
+    for short, name in _PROFILE_FIELDS:
+        try:
+            data[name] = int(stored[short])
+        except (KeyError, ValueError):
+            raise CorruptProfileError(user_id, short) from None
+    ports = stored.get("ports", "")
+    try:
+        data["allowed_ports"] = None if ports == "*" else [
+            int(p) for p in ports.strip(",").split(",") if p
+        ]
+    except ValueError:
+        raise CorruptProfileError(user_id, "ports") from None
+    if stored.get("blocked") not in ("0", "1"):
+        raise CorruptProfileError(user_id, "blocked")
+    data["blocked"] = stored["blocked"] == "1"
+    data["reason"] = stored.get("reason") or None
+    data["tier"] = stored.get("tier", "")
+    try:
+        return UserProfile.model_validate(data)
+    except ValueError as exc:
+        field_name = _first_error_field(exc)
+        raise CorruptProfileError(user_id, field_name) from exc
+
+
+def _first_error_field(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        for error in errors():
+            if error.get("loc"):
+                return str(error["loc"][0])
+    return "?"
+
+
+# -- request rate ------------------------------------------------------------
+
+
+def rate_limit_call(
+    rules: Rules, user_id: str, cost: float, request_id: str = ""
+) -> ScriptCall:
+    """Return the call that debits ``cost`` from the user's request bucket.
+
+    Raises:
+        InvalidInputError: bad user id or cost.
+    """
+    keys = rules.keys.user(user_id)
+    cost = check_number(cost, "cost", low=0, high=MAX_COST, low_open=True)
+    return ScriptCall(
+        script("rate_limit.lua"),
+        (keys.profile, keys.requests, keys.request_ids),
+        [
+            rules.now_arg(),
+            repr(cost),
+            *rules.default_args(),
+            request_id,
+            str(rules.request_id_window_ms),
+        ],
+    )
+
+
+def parse_rate_limit(user_id: str, reply: Sequence[Any]) -> RateLimitResult:
+    """Read the reply of ``rate_limit.lua``.
+
+    Raises:
+        CorruptProfileError: the user's stored profile is unreadable.
+        BackendError: the reply has the wrong shape.
+    """
+    status = _status(reply, 5)
+    if status == "corrupt":
+        raise CorruptProfileError(user_id, text(reply[1]))
+    return RateLimitResult(
+        allowed=status in ("ok", "dup"),
+        limit=int(reply[1]),
+        remaining=int(reply[2]),
+        retry_after=finite_or_inf(float(text(reply[3]))),
+        reset_after=float(text(reply[4])),
+    )
+
+
+def _status(reply: Any, length: int) -> str:
+    if not isinstance(reply, (list, tuple)) or len(reply) < length:
+        raise BackendError(f"unexpected script reply: {reply!r}")
+    return text(reply[0])
+
+
+# -- service starts ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartOutcome:
+    """The reply of ``start_service.lua``, typed."""
+
+    status: str
+    fence: int
+    retry_after: float
+    used: str
+    limit: str
+    asked: str
+    detail: str
+
+    @property
+    def allowed(self) -> bool:
+        return self.status in ("ok", "running")
+
+    def lease(self) -> tuple[int, int]:
+        """Return (expiry in ms, starts within the rapid window)."""
+        expiry, rapid = self.detail.split()
+        return int(float(expiry)), int(rapid)
+
+
+def start_call(
+    rules: Rules,
+    user_id: str,
+    service_id: str,
+    *,
+    port: Optional[int],
+    memory_mb: float,
+    cpu_percent: float,
+    overloaded: bool,
+) -> ScriptCall:
+    """Return the call that checks and reserves a service start.
+
+    Raises:
+        InvalidInputError: a bad id, port, memory or CPU value.
+    """
+    keys = rules.keys.user(user_id)
+    check_id(service_id, "service_id")
+    port_arg = ""
+    if port is not None:
+        port_arg = str(
+            int(check_number(port, "port", low=1, high=65535, integer=True))
+        )
+    memory = check_number(memory_mb, "memory_mb", low=0, high=MAX_MEMORY_MB)
+    cpu = check_number(cpu_percent, "cpu_percent", low=0, high=MAX_CPU_PERCENT)
+    return ScriptCall(
+        script("start_service.lua"),
+        (
+            keys.profile,
+            keys.starts_rate,
+            keys.leases,
+            keys.lease_meta,
+            keys.starts,
+            keys.fence,
+        ),
+        [
+            rules.now_arg(),
+            *rules.default_args(),
+            service_id,
+            port_arg,
+            repr(memory),
+            repr(cpu),
+            str(rules.lease_ms),
+            str(rules.start_burst),
+            repr(float(rules.start_per_minute)),
+            "1" if overloaded else "0",
+            str(HOUR_MS),
+            str(rules.rapid_window_ms),
+            str(rules.fence_grace_ms),
+        ],
+    )
+
+
+def parse_start(reply: Sequence[Any]) -> StartOutcome:
+    """Read the reply of ``start_service.lua``.
+
+    Raises:
+        BackendError: the reply has the wrong shape.
+    """
+    status = _status(reply, 7)
+    return StartOutcome(
+        status=status,
+        fence=int(reply[1]),
+        retry_after=float(text(reply[2])),
+        used=text(reply[3]),
+        limit=text(reply[4]),
+        asked=text(reply[5]),
+        detail=text(reply[6]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """How a denied start reads to the user and in the anomaly log."""
+
+    reason: str
+    anomaly_type: AnomalyType
+    severity: Severity
+    details: str
+
+
+def _num(value: str) -> str:
+    """Format a number from a reply without a needless '.0'."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else f"{number:g}"
+
+
+def describe_denial(outcome: StartOutcome, user_id: str) -> Denial:
+    """Return the reason and anomaly of a denied start."""
+    used, limit, asked = outcome.used, outcome.limit, outcome.asked
+    status = outcome.status
+    if status == "blocked":
+        why = outcome.detail or "No reason provided"
+        return Denial(
+            f"User blocked: {why}",
+            AnomalyType.UNAUTHORIZED_ACCESS,
+            Severity.HIGH,
+            f"Blocked user {user_id} attempted to start a service",
+        )
+    if status == "rate":
+        return Denial(
+            f"Rate limit exceeded. Wait {outcome.retry_after:.1f}s",
+            AnomalyType.RATE_LIMIT_EXCEEDED,
+            Severity.MEDIUM,
+            "Rate limit exceeded for service starts",
+        )
+    if status == "concurrent":
+        return Denial(
+            f"Max concurrent services reached ({used}/{limit}). "
+            "Stop a service first.",
+            AnomalyType.CONCURRENT_LIMIT_EXCEEDED,
+            Severity.MEDIUM,
+            f"Max {limit} services",
+        )
+    if status == "hourly":
+        return Denial(
+            f"Hourly service limit reached ({used}/{limit}). "
+            "Try again later.",
+            AnomalyType.HOURLY_LIMIT_EXCEEDED,
+            Severity.MEDIUM,
+            f"Max {limit} service starts per hour",
+        )
+    if status == "port":
+        return Denial(
+            f"Port {asked} not allowed for your account",
+            AnomalyType.UNAUTHORIZED_ACCESS,
+            Severity.HIGH,
+            f"Attempted to use restricted port {asked}",
+        )
+    if status == "memory":
+        return Denial(
+            f"Memory limit exceeded ({_num(used)} + {_num(asked)} > "
+            f"{_num(limit)} MB). Stop a service first.",
+            AnomalyType.MEMORY_LIMIT_EXCEEDED,
+            Severity.MEDIUM,
+            f"Memory quota of {_num(limit)} MB exceeded",
+        )
+    if status == "cpu":
+        return Denial(
+            f"CPU limit exceeded ({_num(used)} + {_num(asked)} > "
+            f"{_num(limit)}%). Stop a service first.",
+            AnomalyType.CPU_LIMIT_EXCEEDED,
+            Severity.MEDIUM,
+            f"CPU quota of {_num(limit)}% exceeded",
+        )
+    if status == "overloaded":
+        return Denial(
+            "Server is currently overloaded. Please try again later.",
+            AnomalyType.SERVER_OVERLOADED,
+            Severity.MEDIUM,
+            f"Server overloaded, start denied for {user_id}",
+        )
+    raise BackendError(f"unknown start status {status!r}")
+
+
+# -- leases --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """What a replica remembers of a lease it holds."""
+
+    fence: int
+    expiry_ms: int
+    memory_mb: float
+    cpu_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class RenewOutcome:
+    """One lease's result from ``renew_leases.lua``."""
+
+    service_id: str
+    status: str
+    fence: int
+    expiry_ms: int
+
+
+def renew_call(
+    rules: Rules,
+    user_id: str,
+    leases: Mapping[str, Optional[HeldLease]],
+) -> ScriptCall:
+    """Return the call that renews ``leases`` (service id -> what is held).
+
+    A ``None`` value renews a live lease without being able to restore it.
+    """
+    keys = rules.keys.user(user_id)
+    args = [rules.now_arg(), str(rules.lease_ms), str(rules.fence_grace_ms)]
+    for service_id, held in leases.items():
+        check_id(service_id, "service_id")
+        if held is None:
+            args += [service_id, "", "", "0", "0"]
+        else:
+            args += [
+                service_id,
+                str(held.fence),
+                str(held.expiry_ms),
+                repr(held.memory_mb),
+                repr(held.cpu_percent),
+            ]
+    return ScriptCall(
+        script("renew_leases.lua"),
+        (keys.leases, keys.lease_meta, keys.fence),
+        args,
+    )
+
+
+def parse_renew(
+    service_ids: Sequence[str], reply: Sequence[Any]
+) -> list[RenewOutcome]:
+    """Read the reply of ``renew_leases.lua``.
+
+    Raises:
+        BackendError: the reply has the wrong shape.
+    """
+    if not isinstance(reply, (list, tuple)) or len(reply) != 3 * len(
+        service_ids
+    ):
+        raise BackendError(f"unexpected script reply: {reply!r}")
+    return [
+        RenewOutcome(
+            service_id=sid,
+            status=text(reply[3 * i]),
+            fence=int(reply[3 * i + 1]),
+            expiry_ms=int(float(text(reply[3 * i + 2]))),
+        )
+        for i, sid in enumerate(service_ids)
+    ]
+
+
+def release_call(
+    rules: Rules, user_id: str, service_id: str, fence: Optional[int]
+) -> ScriptCall:
+    """Return the call that frees a slot (only ``fence``'s, if given)."""
+    keys = rules.keys.user(user_id)
+    check_id(service_id, "service_id")
+    return ScriptCall(
+        script("release_service.lua"),
+        (keys.leases, keys.lease_meta, keys.fence),
+        [
+            rules.now_arg(),
+            str(rules.fence_grace_ms),
+            service_id,
+            "" if fence is None else str(fence),
+        ],
+    )
+
+
+# -- inspection ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """A live lease as seen in Redis."""
+
+    service_id: str
+    expires_in: float
+    fence: int
+    memory_mb: float
+    cpu_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """A user's live state, read in one step.
+
+    Attributes:
+        tokens: request tokens available now.
+        start_tokens: start-rate tokens available now.
+        started_last_hour: starts within the last hour.
+        leases: the live leases, soonest expiry first.
+    """
+
+    tokens: float
+    start_tokens: float
+    started_last_hour: int
+    leases: tuple[LeaseInfo, ...]
+
+    @property
+    def running(self) -> int:
+        return len(self.leases)
+
+
+def inspect_call(rules: Rules, user_id: str) -> ScriptCall:
+    """Return the call that reads a user's live state."""
+    keys: UserKeys = rules.keys.user(user_id)
+    return ScriptCall(
+        script("inspect_user.lua"),
+        (
+            keys.profile,
+            keys.requests,
+            keys.starts_rate,
+            keys.leases,
+            keys.lease_meta,
+            keys.starts,
+        ),
+        [
+            rules.now_arg(),
+            *rules.default_args(),
+            str(rules.start_burst),
+            repr(float(rules.start_per_minute)),
+            str(HOUR_MS),
+        ],
+    )
+
+
+def parse_inspect(user_id: str, reply: Sequence[Any]) -> UserState:
+    """Read the reply of ``inspect_user.lua``.
+
+    Raises:
+        CorruptProfileError: the user's stored profile is unreadable.
+        BackendError: the reply has the wrong shape.
+    """
+    status = _status(reply, 2)
+    if status == "corrupt":
+        raise CorruptProfileError(user_id, text(reply[1]))
+    now_ms = float(text(reply[4]))
+    rest = reply[5:]
+    leases = tuple(
+        LeaseInfo(
+            service_id=text(rest[i]),
+            expires_in=max(0.0, (float(text(rest[i + 1])) - now_ms) / 1000),
+            fence=int(float(text(rest[i + 2]))),
+            memory_mb=float(text(rest[i + 3])),
+            cpu_percent=float(text(rest[i + 4])),
+        )
+        for i in range(0, len(rest), 5)
+    )
+    return UserState(
+        tokens=float(text(reply[1])),
+        start_tokens=float(text(reply[2])),
+        started_last_hour=int(reply[3]),
+        leases=leases,
+    )
+
+
+def ceil_seconds(seconds: float) -> int:
+    """Round a wait up to whole seconds (at least 0)."""
+    return max(0, math.ceil(seconds))

@@ -1,0 +1,66 @@
+"""The Lua scripts, loaded once per process and called by SHA.
+
+Each script in the ``lua`` folder is sent with ``common.lua`` in front of
+it. Calls go out as ``EVALSHA``; when the server has lost its script cache
+(a restart, a failover, ``SCRIPT FLUSH``) it answers ``NOSCRIPT`` without
+running anything, and the call is repeated once as ``EVAL``, which runs the
+script and caches it again. A decision is therefore never applied twice by
+this recovery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["Script", "ScriptCall", "script"]
+
+_PRELUDE = "common.lua"
+
+
+def _read(name: str) -> str:
+    packaged = resources.files("pactown_redis").joinpath("lua", name)
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    # In a source checkout (an editable install) the scripts sit in the
+    # top-level lua/ folder; the wheel carries them inside the package.
+    source = Path(__file__).resolve().parent.parent / "lua" / name
+    return source.read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One script's full source and its SHA1 digest."""
+
+    name: str
+    source: str
+    sha: str
+
+
+@cache
+def script(name: str) -> Script:
+    """Return the script ``name`` (a file in ``lua/``), loaded once."""
+    source = _read(_PRELUDE) + "\n" + _read(name)
+    sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+    return Script(name=name, source=source, sha=sha)
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """A script with the keys and arguments of one call."""
+
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+    def evalsha_args(self) -> tuple[Any, ...]:
+        """Return the positional arguments of ``EVALSHA``."""
+        return (self.script.sha, len(self.keys), *self.keys, *self.args)
+
+    def eval_args(self) -> tuple[Any, ...]:
+        """Return the positional arguments of ``EVAL``."""
+        return (self.script.source, len(self.keys), *self.keys, *self.args)
