@@ -10,17 +10,15 @@ from typing import Any, Callable, Optional, Union
 import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, RedisError
 
-from . import _core
-from ._core import HeldLease, Rules, ScriptCall
-from ._validate import check_id, check_number
+from . import _core, _outcomes
+from ._core import HeldLease, ScriptCall
+from ._validate import check_id
 from .anomalies import AnomalyHandler, AnomalyLog, summarize
 from .errors import (
     BackendError,
     CorruptProfileError,
-    InvalidInputError,
     LeaseLostError,
 )
-from .keys import KeySpace
 from .models import (
     AnomalyEvent,
     AnomalyType,
@@ -29,10 +27,8 @@ from .models import (
     Severity,
     UserProfile,
     UserTier,
-    utcnow,
 )
 from .overload import LoadMonitor, LoadSample
-from .scripts import script
 
 __all__ = ["SecurityPolicy"]
 
@@ -104,31 +100,25 @@ class SecurityPolicy:
         load_probe: Optional[Callable[[], LoadSample]] = None,
         clock: Optional[Callable[[], float]] = None,
     ) -> None:
-        check_number(
-            default_rate_limit, "default_rate_limit", low=0, high=1e8,
-            low_open=True,
+        self.rules = _outcomes.make_rules(
+            namespace=namespace,
+            default_rate_limit=default_rate_limit,
+            lease_ttl=lease_ttl,
+            start_burst=start_burst,
+            stream_maxlen=stream_maxlen,
+            default_tier=default_tier,
+            rapid_restart_threshold=rapid_restart_threshold,
+            clock=clock,
         )
-        check_number(lease_ttl, "lease_ttl", low=0.01, high=86400.0)
-        check_number(start_burst, "start_burst", low=1, high=1e6, integer=True)
-        check_number(stream_maxlen, "stream_maxlen", low=1, high=1e9, integer=True)
         if isinstance(redis, str):
             self._client = connect(redis)
             self._owns_client = True
         else:
             self._client = redis
             self._owns_client = False
-        self.keys = KeySpace(namespace)
+        self.keys = self.rules.keys
         self.namespace = namespace
         self.lease_ttl = float(lease_ttl)
-        self.rules = Rules(
-            keys=self.keys,
-            default_tier=UserTier(default_tier),
-            lease_ms=max(1, int(lease_ttl * 1000)),
-            start_burst=start_burst,
-            start_per_minute=float(default_rate_limit),
-            rapid_threshold=rapid_restart_threshold,
-            clock=clock,
-        )
         self.anomalies = AnomalyLog(
             self._client,
             self.keys.anomalies,
@@ -195,25 +185,19 @@ class SecurityPolicy:
         severity: Severity = Severity.MEDIUM,
         metadata: Optional[dict[str, Any]] = None,
     ) -> AnomalyEvent:
-        event = AnomalyEvent(
-            timestamp=utcnow(),
-            anomaly_type=anomaly_type,
-            user_id=user_id,
-            service_id=service_id,
-            details=details,
-            severity=severity,
-            metadata=metadata or {},
+        return self.anomalies.record(
+            _outcomes.event(
+                anomaly_type,
+                details,
+                user_id=user_id,
+                service_id=service_id,
+                severity=severity,
+                metadata=metadata,
+            )
         )
-        return self.anomalies.record(event)
 
     def _corrupt(self, exc: CorruptProfileError) -> AnomalyEvent:
-        return self._record(
-            AnomalyType.PROFILE_CORRUPT,
-            str(exc),
-            user_id=exc.user_id,
-            severity=Severity.HIGH,
-            metadata={"field": exc.field},
-        )
+        return self.anomalies.record(_outcomes.corrupt_event(exc))
 
     # -- profiles --------------------------------------------------------------
 
@@ -223,25 +207,13 @@ class SecurityPolicy:
         Raises:
             InvalidInputError: ``profile`` is not a valid ``UserProfile``.
         """
-        if not isinstance(profile, UserProfile):
-            raise InvalidInputError(
-                f"profile must be a UserProfile, not {type(profile).__name__}"
-            )
-        profile = UserProfile.parse(profile.model_dump())
+        profile = _outcomes.checked_profile(profile)
         await self._write_profile(profile, patch=())
 
     async def _write_profile(
         self, profile: UserProfile, patch: tuple[str, ...]
     ) -> None:
-        stored = _core.profile_to_hash(profile)
-        pairs = [item for pair in stored.items() for item in pair]
-        await self._run(
-            ScriptCall(
-                script("write_profile.lua"),
-                (self.keys.user(profile.user_id).profile,),
-                [",".join(patch), *pairs],
-            )
-        )
+        await self._run(_outcomes.profile_call(self.keys, profile, patch))
 
     async def get_user_profile(self, user_id: str) -> UserProfile:
         """Return the stored profile, or the default tier's when none is.
@@ -265,13 +237,10 @@ class SecurityPolicy:
         await self._set_blocked(user_id, False, "")
 
     async def _set_blocked(self, user_id: str, blocked: bool, reason: str) -> None:
-        if not isinstance(reason, str):
-            raise InvalidInputError("reason must be str")
-        base = UserProfile.from_tier(user_id, self.rules.default_tier)
-        profile = UserProfile.parse(
-            {**base.model_dump(), "blocked": blocked, "reason": reason or None}
+        profile = _outcomes.block_profile(
+            user_id, blocked, reason, self.rules.default_tier
         )
-        await self._write_profile(profile, patch=("blocked", "reason"))
+        await self._write_profile(profile, patch=_outcomes.BLOCK_FIELDS)
 
     # -- request rate ------------------------------------------------------------
 
@@ -293,13 +262,10 @@ class SecurityPolicy:
             result = _core.parse_rate_limit(user_id, await self._run(call))
         except CorruptProfileError as exc:
             self._corrupt(exc)
-            return RateLimitResult(False, 0, 0, float("inf"), 0.0)
+            return _outcomes.CORRUPT_RATE_RESULT
         if not result.allowed:
-            self._record(
-                AnomalyType.RATE_LIMIT_EXCEEDED,
-                "Rate limit exceeded",
-                user_id=user_id,
-                metadata={"cost": cost, "retry_after": result.retry_after},
+            self.anomalies.record(
+                _outcomes.rate_denied_event(user_id, cost, result)
             )
         return result
 
@@ -342,87 +308,25 @@ class SecurityPolicy:
         except CorruptProfileError as exc:  # pragma: no cover - parse_start
             raise BackendError(str(exc)) from exc
         if outcome.status == "corrupt":
-            event = self._corrupt(CorruptProfileError(user_id, outcome.detail))
-            return SecurityCheckResult(
-                allowed=False,
-                reason="Stored user profile is corrupt. Contact support.",
-                anomaly=event,
+            decision = _outcomes.corrupt_start(user_id, outcome.detail)
+        elif not outcome.allowed:
+            decision = _outcomes.denied_start(outcome, user_id, service_id)
+        else:
+            decision = _outcomes.granted_start(
+                outcome,
+                user_id,
+                service_id,
+                memory_mb=memory_mb,
+                cpu_percent=cpu_percent,
+                excess=excess,
+                delay=self.load.delay_for(excess),
+                rules=self.rules,
             )
-        if not outcome.allowed:
-            return self._deny(outcome, user_id, service_id)
-        return self._grant(outcome, user_id, service_id, memory_mb, cpu_percent,
-                           excess)
-
-    def _deny(
-        self, outcome: _core.StartOutcome, user_id: str, service_id: str
-    ) -> SecurityCheckResult:
-        denial = _core.describe_denial(outcome, user_id)
-        retry = outcome.retry_after if outcome.status in ("rate", "hourly") else None
-        event = self._record(
-            denial.anomaly_type,
-            denial.details,
-            user_id=user_id,
-            service_id=service_id,
-            severity=denial.severity,
-            metadata={
-                "check": outcome.status,
-                "used": outcome.used,
-                "limit": outcome.limit,
-                "asked": outcome.asked,
-            },
-        )
-        return SecurityCheckResult(
-            allowed=False,
-            reason=denial.reason,
-            delay_seconds=retry or 0.0,
-            retry_after=retry,
-            anomaly=event,
-        )
-
-    def _grant(
-        self,
-        outcome: _core.StartOutcome,
-        user_id: str,
-        service_id: str,
-        memory_mb: float,
-        cpu_percent: float,
-        excess: float,
-    ) -> SecurityCheckResult:
-        expiry_ms, rapid = outcome.lease()
-        self._hold(
-            user_id,
-            service_id,
-            HeldLease(outcome.fence, expiry_ms, float(memory_mb), float(cpu_percent)),
-        )
-        event = None
-        reason = None
-        delay = 0.0
-        if excess > 0:
-            delay = self.load.delay_for(excess)
-            reason = f"Server under load, start delayed by {delay:.1f}s"
-            event = self._record(
-                AnomalyType.SERVER_OVERLOADED,
-                f"Server overloaded, throttling user {user_id}",
-                user_id=user_id,
-                service_id=service_id,
-                metadata={"excess_percent": excess, "delay": delay},
-            )
-        if rapid >= self.rules.rapid_threshold and outcome.status == "ok":
-            event = self._record(
-                AnomalyType.RAPID_RESTART,
-                f"Rapid restart pattern ({rapid} starts in 60s)",
-                user_id=user_id,
-                service_id=service_id,
-                metadata={"starts_last_minute": rapid},
-            )
-        return SecurityCheckResult(
-            allowed=True,
-            reason=reason,
-            delay_seconds=delay,
-            anomaly=event,
-            fence=outcome.fence,
-            already_running=outcome.status == "running",
-        )
+        if decision.lease is not None:
+            self._hold(user_id, service_id, decision.lease)
+        for event in decision.events:
+            self.anomalies.record(event)
+        return decision.result
 
     def _hold(self, user_id: str, service_id: str, lease: HeldLease) -> None:
         self._held.setdefault(user_id, {})[service_id] = lease
@@ -484,24 +388,16 @@ class SecurityPolicy:
                 if held is not None:
                     await self._lost(user_id, outcome.service_id)
                 continue
-            memory = held.memory_mb if held else 0.0
-            cpu = held.cpu_percent if held else 0.0
             self._hold(
                 user_id,
                 outcome.service_id,
-                HeldLease(outcome.fence, outcome.expiry_ms, memory, cpu),
+                _outcomes.renewed_lease(outcome, held),
             )
         return outcomes
 
     async def _lost(self, user_id: str, service_id: str) -> None:
         self._drop(user_id, service_id)
-        self._record(
-            AnomalyType.LEASE_LOST,
-            "Lease lost: it expired or was taken before renewal",
-            user_id=user_id,
-            service_id=service_id,
-            severity=Severity.HIGH,
-        )
+        self.anomalies.record(_outcomes.lease_lost_event(user_id, service_id))
         if self.on_lease_lost is not None:
             try:
                 outcome = self.on_lease_lost(user_id, service_id)
@@ -545,15 +441,12 @@ class SecurityPolicy:
     async def get_anomaly_summary(self, hours: float = 24) -> dict[str, Any]:
         """Return anomaly totals by type and severity, the top users and
         the recent critical events of the last ``hours``."""
-        check_number(hours, "hours", low=0, high=24 * 365, low_open=True)
+        span_ms = _outcomes.summary_span_ms(hours)
         now_ms = await self._now_ms()
-        events = await self.anomalies.since(
-            max(0, now_ms - int(hours * 3_600_000))
-        )
+        events = await self.anomalies.since(max(0, now_ms - span_ms))
         return summarize(events, hours)
 
     async def _now_ms(self) -> int:
         # Stream ids carry the server's time, even under a test clock.
-        seconds, micros = await self._client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return _outcomes.time_reply_ms(await self._client.time())
 

@@ -1,0 +1,318 @@
+"""What a decision returns and records, shared by the async and sync APIs.
+
+Pure functions: they turn a script's parsed reply into the result handed
+to the caller and the anomaly events to record, and leave sending the
+call and publishing the events to the API that uses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from . import _core
+from ._core import HeldLease, RenewOutcome, Rules, StartOutcome
+from ._validate import check_number
+from .errors import CorruptProfileError, InvalidInputError
+from .keys import KeySpace
+from .models import (
+    AnomalyEvent,
+    AnomalyType,
+    RateLimitResult,
+    SecurityCheckResult,
+    Severity,
+    UserProfile,
+    UserTier,
+    utcnow,
+)
+from .scripts import ScriptCall, script
+
+MAX_SUMMARY_HOURS = 24 * 365
+
+
+def make_rules(
+    *,
+    namespace: str,
+    default_rate_limit: Any,
+    lease_ttl: Any,
+    start_burst: Any,
+    stream_maxlen: Any,
+    default_tier: UserTier,
+    rapid_restart_threshold: int,
+    clock: Optional[Callable[[], float]],
+) -> Rules:
+    """Validate a policy's options and return the rules it decides by.
+
+    Raises:
+        InvalidInputError: a bad namespace or a number out of range.
+    """
+    check_number(
+        default_rate_limit, "default_rate_limit", low=0, high=1e8,
+        low_open=True,
+    )
+    check_number(lease_ttl, "lease_ttl", low=0.01, high=86400.0)
+    check_number(start_burst, "start_burst", low=1, high=1e6, integer=True)
+    check_number(stream_maxlen, "stream_maxlen", low=1, high=1e9, integer=True)
+    return Rules(
+        keys=KeySpace(namespace),
+        default_tier=UserTier(default_tier),
+        lease_ms=max(1, int(lease_ttl * 1000)),
+        start_burst=start_burst,
+        start_per_minute=float(default_rate_limit),
+        rapid_threshold=rapid_restart_threshold,
+        clock=clock,
+    )
+
+
+def event(
+    anomaly_type: AnomalyType,
+    details: str,
+    *,
+    user_id: Optional[str],
+    service_id: Optional[str] = None,
+    severity: Severity = Severity.MEDIUM,
+    metadata: Optional[dict[str, Any]] = None,
+) -> AnomalyEvent:
+    """Return an anomaly event stamped now."""
+    return AnomalyEvent(
+        timestamp=utcnow(),
+        anomaly_type=anomaly_type,
+        user_id=user_id,
+        service_id=service_id,
+        details=details,
+        severity=severity,
+        metadata=metadata or {},
+    )
+
+
+def corrupt_event(exc: CorruptProfileError) -> AnomalyEvent:
+    """Return the event recorded when a stored profile is unreadable."""
+    return event(
+        AnomalyType.PROFILE_CORRUPT,
+        str(exc),
+        user_id=exc.user_id,
+        severity=Severity.HIGH,
+        metadata={"field": exc.field},
+    )
+
+
+# -- profiles ----------------------------------------------------------------
+
+
+def checked_profile(profile: Any) -> UserProfile:
+    """Return a validated copy of ``profile``.
+
+    Raises:
+        InvalidInputError: ``profile`` is not a valid ``UserProfile``.
+    """
+    if not isinstance(profile, UserProfile):
+        raise InvalidInputError(
+            f"profile must be a UserProfile, not {type(profile).__name__}"
+        )
+    return UserProfile.parse(profile.model_dump())
+
+
+def block_profile(
+    user_id: str, blocked: bool, reason: Any, default_tier: UserTier
+) -> UserProfile:
+    """Return the profile written when blocking or unblocking a user: the
+    default tier's, used whole only when the user has no stored profile.
+
+    Raises:
+        InvalidInputError: a bad user id or a reason that is not text.
+    """
+    if not isinstance(reason, str):
+        raise InvalidInputError("reason must be str")
+    base = UserProfile.from_tier(user_id, default_tier)
+    return UserProfile.parse(
+        {**base.model_dump(), "blocked": blocked, "reason": reason or None}
+    )
+
+
+BLOCK_FIELDS = ("blocked", "reason")
+
+
+def profile_call(
+    keys: KeySpace, profile: UserProfile, patch: Sequence[str] = ()
+) -> ScriptCall:
+    """Return the call that stores ``profile`` (only ``patch``'s fields
+    when the user already has a profile)."""
+    stored = _core.profile_to_hash(profile)
+    pairs = [item for pair in stored.items() for item in pair]
+    return ScriptCall(
+        script("write_profile.lua"),
+        (keys.user(profile.user_id).profile,),
+        [",".join(patch), *pairs],
+    )
+
+
+# -- request rate ------------------------------------------------------------
+
+#: What a check returns when the user's stored profile is unreadable.
+CORRUPT_RATE_RESULT = RateLimitResult(False, 0, 0, float("inf"), 0.0)
+
+
+def rate_denied_event(
+    user_id: str, cost: float, result: RateLimitResult
+) -> AnomalyEvent:
+    """Return the event recorded when a request is denied."""
+    return event(
+        AnomalyType.RATE_LIMIT_EXCEEDED,
+        "Rate limit exceeded",
+        user_id=user_id,
+        metadata={"cost": cost, "retry_after": result.retry_after},
+    )
+
+
+# -- service starts ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A start's result, the events to record (in order) and, when
+    granted, the lease the policy now holds."""
+
+    result: SecurityCheckResult
+    events: tuple[AnomalyEvent, ...] = ()
+    lease: Optional[HeldLease] = None
+
+
+def corrupt_start(user_id: str, field: str) -> Decision:
+    """Return the decision for a start refused by a corrupt profile."""
+    recorded = corrupt_event(CorruptProfileError(user_id, field))
+    return Decision(
+        SecurityCheckResult(
+            allowed=False,
+            reason="Stored user profile is corrupt. Contact support.",
+            anomaly=recorded,
+        ),
+        (recorded,),
+    )
+
+
+def denied_start(
+    outcome: StartOutcome, user_id: str, service_id: str
+) -> Decision:
+    """Return the decision for a start a check refused."""
+    denial = _core.describe_denial(outcome, user_id)
+    retry = outcome.retry_after if outcome.status in ("rate", "hourly") else None
+    recorded = event(
+        denial.anomaly_type,
+        denial.details,
+        user_id=user_id,
+        service_id=service_id,
+        severity=denial.severity,
+        metadata={
+            "check": outcome.status,
+            "used": outcome.used,
+            "limit": outcome.limit,
+            "asked": outcome.asked,
+        },
+    )
+    return Decision(
+        SecurityCheckResult(
+            allowed=False,
+            reason=denial.reason,
+            delay_seconds=retry or 0.0,
+            retry_after=retry,
+            anomaly=recorded,
+        ),
+        (recorded,),
+    )
+
+
+def granted_start(
+    outcome: StartOutcome,
+    user_id: str,
+    service_id: str,
+    *,
+    memory_mb: float,
+    cpu_percent: float,
+    excess: float,
+    delay: float,
+    rules: Rules,
+) -> Decision:
+    """Return the decision for a start that reserved (or renewed) a slot.
+
+    ``excess`` is how far this replica is over its load thresholds and
+    ``delay`` the wait asked of the user for it.
+    """
+    expiry_ms, rapid = outcome.lease()
+    lease = HeldLease(
+        outcome.fence, expiry_ms, float(memory_mb), float(cpu_percent)
+    )
+    events = []
+    reason = None
+    if excess > 0:
+        reason = f"Server under load, start delayed by {delay:.1f}s"
+        events.append(
+            event(
+                AnomalyType.SERVER_OVERLOADED,
+                f"Server overloaded, throttling user {user_id}",
+                user_id=user_id,
+                service_id=service_id,
+                metadata={"excess_percent": excess, "delay": delay},
+            )
+        )
+    if rapid >= rules.rapid_threshold and outcome.status == "ok":
+        events.append(
+            event(
+                AnomalyType.RAPID_RESTART,
+                f"Rapid restart pattern ({rapid} starts in 60s)",
+                user_id=user_id,
+                service_id=service_id,
+                metadata={"starts_last_minute": rapid},
+            )
+        )
+    return Decision(
+        SecurityCheckResult(
+            allowed=True,
+            reason=reason,
+            delay_seconds=delay,
+            anomaly=events[-1] if events else None,
+            fence=outcome.fence,
+            already_running=outcome.status == "running",
+        ),
+        tuple(events),
+        lease,
+    )
+
+
+# -- leases --------------------------------------------------------------------
+
+
+def renewed_lease(outcome: RenewOutcome, held: Optional[HeldLease]) -> HeldLease:
+    """Return what is held after a successful renewal of ``held``."""
+    memory = held.memory_mb if held else 0.0
+    cpu = held.cpu_percent if held else 0.0
+    return HeldLease(outcome.fence, outcome.expiry_ms, memory, cpu)
+
+
+def lease_lost_event(user_id: str, service_id: str) -> AnomalyEvent:
+    """Return the event recorded when a held lease is found lost."""
+    return event(
+        AnomalyType.LEASE_LOST,
+        "Lease lost: it expired or was taken before renewal",
+        user_id=user_id,
+        service_id=service_id,
+        severity=Severity.HIGH,
+    )
+
+
+# -- reading -------------------------------------------------------------------
+
+
+def summary_span_ms(hours: Any) -> int:
+    """Return the length of a summary of the last ``hours``, in ms.
+
+    Raises:
+        InvalidNumberError: ``hours`` is not in (0, one year].
+    """
+    check_number(hours, "hours", low=0, high=MAX_SUMMARY_HOURS, low_open=True)
+    return int(hours * 3_600_000)
+
+
+def time_reply_ms(reply: Sequence[Any]) -> int:
+    """Return a ``TIME`` reply in milliseconds."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
