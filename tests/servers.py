@@ -235,7 +235,8 @@ class RedisServer:
         tls: paths as returned by ``make_tls_material`` (keys ``cert``,
             ``key`` and ``ca``).  The server then accepts TLS only; clients
             may, but need not, present a certificate signed by ``ca``.
-        port: a fixed port; by default a free one is picked.
+        port: a fixed port; by default ``pick_port`` chooses one.
+        pick_port: returns a free port; ``free_port`` by default.
 
     The directory and log survive ``stop``, ``kill`` and ``restart``; they
     go on ``close``, which the context manager and the exit hook call.
@@ -250,6 +251,7 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         tls: dict[str, str] | None = None,
         port: int | None = None,
+        pick_port: Callable[[], int] = free_port,
     ) -> None:
         self._executable = _require_program(self.program)
         self.persistence = persistence
@@ -257,7 +259,7 @@ class RedisServer:
         self.tls = dict(tls) if tls is not None else None
         self._port = port
         self._port_fixed = port is not None
-        self._pick_port: Callable[[], int] = free_port
+        self._pick_port = pick_port
         self._proc: subprocess.Popen[bytes] | None = None
         self._frozen = False
         self.dir = Path(tempfile.mkdtemp(prefix="pactown-redis-"))
@@ -458,7 +460,7 @@ class RedisServer:
         """Stop the server gracefully (SIGTERM); SIGKILL after ``timeout`` s.
 
         A frozen server is thawed first, since a stopped process cannot act
-        on SIGTERM.  Doing nothing when the server is not running.
+        on SIGTERM.  Does nothing when the server is not running.
         """
         if not self.running:
             return
@@ -474,7 +476,7 @@ class RedisServer:
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would.
 
-        Doing nothing when the server is not running.
+        Does nothing when the server is not running.
         """
         if self._proc is None:
             return
@@ -484,7 +486,10 @@ class RedisServer:
         self._frozen = False
 
     def restart(self, *, timeout: float = 10.0) -> RedisServer:
-        """Stop the server if it runs, then start it on the same port.
+        """Stop the server gracefully if it runs, then start it again.
+
+        The port and directory stay the same, so a persisting server comes
+        back with its data.
 
         Returns:
             self, answering PING.
@@ -516,7 +521,11 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         if not self.running:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
         return self
 
     def __exit__(
@@ -553,7 +562,8 @@ class _SentinelServer(RedisServer):
 
     Sentinel rewrites its configuration file as it learns about replicas,
     other sentinels and failovers, so the file is written once and kept
-    across restarts.
+    across restarts.  The port is given on the command line instead, as
+    the first start may have to try more than one.
     """
 
     program = "redis-sentinel"
@@ -582,12 +592,12 @@ class _SentinelServer(RedisServer):
     def _command(self) -> list[str]:
         if not self.config_path.exists():
             self.config_path.write_text(
-                f"port {self.port}\n"
                 f"bind {HOST}\n"
                 f"dir {self.dir}\n"
                 "daemonize no\n" + self._monitor
             )
-        return [self._executable, str(self.config_path)]
+        port = str(self.port)
+        return [self._executable, str(self.config_path), "--port", port]
 
 
 class LocalCluster:
@@ -620,9 +630,9 @@ class LocalCluster:
                     "--cluster-node-timeout", str(node_timeout_ms),
                     "--cluster-replica-validity-factor", "0",
                     *extra_args,
-                ]
+                ],
+                pick_port=free_cluster_port,
             )
-            node._pick_port = free_cluster_port
             self.nodes.append(node)
         self._dead_slots: dict[int, list[tuple[int, int]]] = {}
 
@@ -965,6 +975,8 @@ class LocalSentinel:
         for sentinel in self.sentinel_servers:
             with sentinel.probe() as c:
                 state = c.sentinel_master(self.service_name)
+            if not isinstance(state, dict):
+                return False
             if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
                 return False
         return True
@@ -976,10 +988,11 @@ class LocalSentinel:
             if not sentinel.running:
                 continue
             with sentinel.probe() as c:
-                host, port = c.sentinel_get_master_addr_by_name(
-                    self.service_name
-                )
-            answers.add((host, int(port)))
+                reply = c.sentinel_get_master_addr_by_name(self.service_name)
+            if not isinstance(reply, tuple):
+                return None
+            host, port = reply
+            answers.add((str(host), int(port)))
         return answers.pop() if len(answers) == 1 else None
 
     def _server_at(self, address: tuple[str, int]) -> RedisServer:
