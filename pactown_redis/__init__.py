@@ -29,6 +29,7 @@ from .models import (
 )
 from .overload import LoadSample
 from .policy import SecurityPolicy
+from .sync import SyncSecurityPolicy
 
 try:
     __version__ = version("pactown-redis")
@@ -52,6 +53,7 @@ __all__ = [
     "SecurityCheckResult",
     "SecurityPolicy",
     "Severity",
+    "SyncSecurityPolicy",
     "UserProfile",
     "UserState",
     "UserTier",
