@@ -11,6 +11,7 @@ namespace's keys when it ends.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import sys
@@ -25,6 +26,12 @@ from pactown_redis import (
 from pactown_redis.policy import connect
 
 OK, NO = "\u2713", "\u2717"
+
+
+def tenths_up(seconds: float) -> float:
+    """Round a wait up to tenths: telling a user to wait less than needed
+    would only earn another refusal."""
+    return math.ceil(seconds * 10 - 1e-9) / 10
 
 
 async def open_redis() -> tuple[Any, str]:
@@ -74,7 +81,7 @@ async def demo(policy: SecurityPolicy) -> None:
         else:
             print(
                 f"  Request {number}: {NO} rate limited "
-                f"(wait {result.retry_after:.1f}s)"
+                f"(wait {tenths_up(result.retry_after):.1f}s)"
             )
 
     print()
