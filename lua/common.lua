@@ -22,9 +22,43 @@ local function fstr(x)
   return string.format('%.17g', x)
 end
 
--- Profile fields that must hold a non-negative integer, with the slot of
--- the default in the caller's ARGV list of defaults.
+-- The grammar of a stored profile. pactown_redis._core.hash_to_profile
+-- reads profiles by the same rules, so a hash is either usable on both
+-- sides or reported corrupt on both: numbers are ASCII digits only (no
+-- sign, exponent, point or space) within the bounds of UserProfile, ports
+-- are '*' or ',p1,p2,...,' with at most MAX_PORTS ports of 1-65535,
+-- blocked is '0' or '1', and the tier is one of UserTier's values.
 local PROFILE_NUMBERS = {'conc', 'mem', 'cpu', 'rpm', 'sph'}
+local PROFILE_BOUNDS = {
+  conc = {0, 1000000},
+  mem = {0, 1073741824},
+  cpu = {0, 1000000},
+  rpm = {1, 100000000},
+  sph = {0, 1000000},
+}
+local MAX_PORTS = 1024
+local KNOWN_TIERS = {free = true, basic = true, pro = true,
+                     enterprise = true, admin = true}
+
+local function valid_ports(ports)
+  if ports == '*' then
+    return true
+  end
+  if type(ports) ~= 'string' or not string.match(ports, '^,[%d,]*$')
+      or string.find(ports, ',,', 1, true)
+      or string.sub(ports, -1) ~= ',' then
+    return false
+  end
+  local count = 0
+  for port in string.gmatch(ports, '%d+') do
+    local n = tonumber(port)
+    count = count + 1
+    if n < 1 or n > 65535 or count > MAX_PORTS then
+      return false
+    end
+  end
+  return true
+end
 
 -- Reads a user's profile hash. A missing profile yields the defaults the
 -- caller passed (the default tier). Returns nil and the name of the first
@@ -46,23 +80,21 @@ local function read_profile(key, defaults)
     p[raw[i]] = raw[i + 1]
   end
   for _, name in ipairs(PROFILE_NUMBERS) do
-    local n = tonumber(p[name])
-    if n == nil or n < 0 or n ~= math.floor(n) or n > 1e12 then
+    local bounds = PROFILE_BOUNDS[name]
+    local n = type(p[name]) == 'string' and string.match(p[name], '^%d+$')
+              and tonumber(p[name])
+    if not n or n < bounds[1] or n > bounds[2] then
       return nil, name
     end
     p[name] = n
   end
-  if p.rpm < 1 then
-    return nil, 'rpm'
+  if not valid_ports(p.ports) then
+    return nil, 'ports'
   end
   if p.blocked ~= '0' and p.blocked ~= '1' then
     return nil, 'blocked'
   end
-  if type(p.ports) ~= 'string' or not (p.ports == '*'
-      or string.match(p.ports, '^,[%d,]*$')) then
-    return nil, 'ports'
-  end
-  if type(p.tier) ~= 'string' or p.tier == '' then
+  if not KNOWN_TIERS[p.tier] then
     return nil, 'tier'
   end
   p.reason = p.reason or ''

@@ -1,10 +1,11 @@
 -- start_service.lua: decides whether a user may start a service and, when
 -- every check passes, reserves its slot in the same step.
 --
--- Checks run in this order and the first failure decides: blocked, start
--- rate, concurrent services, starts in the last hour, port, memory quota,
--- CPU quota, server overload (for the default tier only). A service id that
--- already holds a live lease is renewed and reserves nothing twice.
+-- Checks run in this order and the first failure decides: blocked,
+-- automatically blocked, start rate, concurrent services, starts in the
+-- last hour, port, memory quota, CPU quota, server overload (for the
+-- default tier only). A service id that already holds a live lease is
+-- renewed and reserves nothing twice.
 --
 -- KEYS[1]  profile hash (read only)
 -- KEYS[2]  start-rate bucket hash {t, ts}
@@ -12,6 +13,8 @@
 -- KEYS[4]  lease metadata hash: service id -> "memory cpu fence"
 -- KEYS[5]  start history: sorted set, member = fence, score = start (us)
 -- KEYS[6]  fencing counter hash {last = last fence, born = microseconds}
+-- KEYS[7]  automatic block: string, the block's end in microseconds
+--          (read only; written by strike.lua)
 -- ARGV[1]  clock override in microseconds, '' for the server's TIME
 -- ARGV[2..6]  default profile: concurrent, memory MB, CPU %,
 --             requests/minute, starts/hour
@@ -30,10 +33,11 @@
 --
 -- Returns {status, fence, retry_after, used, limit, asked, detail}:
 --   status       'ok', 'running' (lease already held, renewed), 'blocked',
---                'rate', 'concurrent', 'hourly', 'port', 'memory', 'cpu',
---                'overloaded' or 'corrupt'
+--                'autoblocked', 'rate', 'concurrent', 'hourly', 'port',
+--                'memory', 'cpu', 'overloaded' or 'corrupt'
 --   fence        fencing token of the lease for 'ok' and 'running', else 0
---   retry_after  seconds, as a string, for 'rate' and 'hourly'; else '0'
+--   retry_after  seconds, as a string, for 'autoblocked', 'rate' and
+--                'hourly'; else '0'
 --   used         current count or usage the failed check compared
 --   limit        the profile's limit for that check
 --   asked        what this start asked for (port, memory or CPU)
@@ -48,6 +52,7 @@
 
 local profile_key, bucket_key, svc_key, meta_key, starts_key, fence_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local auto_block_key = KEYS[7]
 local clock = ARGV[1]
 local defaults = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
                   tonumber(ARGV[5]), tonumber(ARGV[6]), tier = ARGV[7]}
@@ -79,6 +84,13 @@ end
 local now = now_us(clock)
 local now_ms = math.floor(now / 1000)
 local expiry_ms = now_ms + lease_ms
+
+-- The end is kept in the value, not only in the TTL, so that the block
+-- follows the same clock as every other decision.
+local blocked_until = tonumber(redis.call('GET', auto_block_key))
+if blocked_until and blocked_until > now then
+  return deny('autoblocked', fstr((blocked_until - now) / 1e6))
+end
 
 -- Expired leases are dropped before anything is counted, so a dead
 -- replica's services stop counting as soon as their leases run out.

@@ -7,6 +7,7 @@ APIs differ only in how they send a call.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -14,13 +15,17 @@ from ._validate import check_id, check_number
 from .errors import BackendError, CorruptProfileError
 from .keys import KeySpace, UserKeys
 from .models import (
+    MAX_ALLOWED_PORTS,
+    MAX_REASON_CHARS,
     TIER_LIMITS,
+    AnomalyEvent,
     AnomalyType,
     RateLimitResult,
     Severity,
     UserProfile,
     UserTier,
     finite_or_inf,
+    utcnow,
 )
 from .scripts import ScriptCall, script
 
@@ -28,6 +33,7 @@ HOUR_MS = 3_600_000
 MAX_COST = 1e9
 MAX_MEMORY_MB = float(1 << 30)
 MAX_CPU_PERCENT = 1e6
+MAX_BLOCK_S = 30 * 86400.0
 
 # Profile fields as stored in the profile hash, next to the model's names.
 _PROFILE_FIELDS = (
@@ -37,6 +43,28 @@ _PROFILE_FIELDS = (
     ("rpm", "max_requests_per_minute"),
     ("sph", "max_services_per_hour"),
 )
+_STORED_NAME = {
+    **{name: short for short, name in _PROFILE_FIELDS},
+    "allowed_ports": "ports",
+}
+# Stored numbers are plain ASCII digits and ports ',p1,p2,...,' (or '*'),
+# exactly as common.lua's read_profile accepts them.
+_DIGITS = re.compile(r"[0-9]+")
+_PORTS = re.compile(r",(?:[0-9]+,)*")
+_TIERS = frozenset(tier.value for tier in UserTier)
+
+
+def _field_bounds(name: str) -> tuple[float, float]:
+    low, high = -math.inf, math.inf
+    for rule in UserProfile.model_fields[name].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    return low, high
+
+
+# The bounds a stored number must keep: the model's own, checked here so
+# that the first bad field is named in the scripts' order.
+_BOUNDS = {name: _field_bounds(name) for _, name in _PROFILE_FIELDS}
 
 
 def text(value: Any) -> str:
@@ -97,35 +125,60 @@ def hash_to_profile(
 ) -> UserProfile:
     """Rebuild a profile from its hash; an empty hash is the default tier.
 
+    The stored grammar is the one ``read_profile`` in ``common.lua``
+    enforces, so Python and the scripts agree on which profiles are usable.
+    A reason that is too long or not UTF-8 is cut or mended, not refused:
+    it limits nothing.
+
     Raises:
-        CorruptProfileError: the hash was not written by this package.
+        CorruptProfileError: the hash was not written by this package; its
+            ``field`` is the stored field's name, as the scripts report it.
     """
     if not raw:
         return UserProfile.from_tier(user_id, rules.default_tier)
     stored = {text(k): text(v) for k, v in raw.items()}
     data: dict[str, Any] = {"user_id": user_id}
     for short, name in _PROFILE_FIELDS:
-        try:
-            data[name] = int(stored[short])
-        except (KeyError, ValueError):
-            raise CorruptProfileError(user_id, short) from None
-    ports = stored.get("ports", "")
-    try:
-        data["allowed_ports"] = None if ports == "*" else [
-            int(p) for p in ports.strip(",").split(",") if p
-        ]
-    except ValueError:
-        raise CorruptProfileError(user_id, "ports") from None
+        number = _stored_int(stored.get(short, ""))
+        low, high = _BOUNDS[name]
+        if number is None or not low <= number <= high:
+            raise CorruptProfileError(user_id, short)
+        data[name] = number
+    data["allowed_ports"] = _stored_ports(user_id, stored.get("ports", ""))
     if stored.get("blocked") not in ("0", "1"):
         raise CorruptProfileError(user_id, "blocked")
+    if stored.get("tier") not in _TIERS:
+        raise CorruptProfileError(user_id, "tier")
     data["blocked"] = stored["blocked"] == "1"
-    data["reason"] = stored.get("reason") or None
+    reason = stored.get("reason", "").encode("utf-8", "surrogateescape")
+    data["reason"] = reason.decode("utf-8", "replace")[:MAX_REASON_CHARS] or None
     data["tier"] = stored.get("tier", "")
     try:
         return UserProfile.model_validate(data)
     except ValueError as exc:
-        field_name = _first_error_field(exc)
-        raise CorruptProfileError(user_id, field_name) from exc
+        raise CorruptProfileError(user_id, _first_error_field(exc)) from exc
+
+
+def _stored_int(value: str) -> Optional[int]:
+    if not _DIGITS.fullmatch(value):
+        return None
+    try:
+        return int(value)
+    except ValueError:  # more digits than int() converts
+        return None
+
+
+def _stored_ports(user_id: str, value: str) -> Optional[list[int]]:
+    if value == "*":
+        return None
+    ports = [_stored_int(p) for p in value.split(",") if p]
+    if (
+        not _PORTS.fullmatch(value)
+        or len(ports) > MAX_ALLOWED_PORTS
+        or not all(p is not None and 1 <= p <= 65535 for p in ports)
+    ):
+        raise CorruptProfileError(user_id, "ports")
+    return [p for p in ports if p is not None]
 
 
 def _first_error_field(exc: ValueError) -> str:
@@ -133,7 +186,8 @@ def _first_error_field(exc: ValueError) -> str:
     if callable(errors):
         for error in errors():
             if error.get("loc"):
-                return str(error["loc"][0])
+                name = str(error["loc"][0])
+                return _STORED_NAME.get(name, name)
     return "?"
 
 
@@ -246,6 +300,7 @@ def start_call(
             keys.lease_meta,
             keys.starts,
             keys.fence,
+            keys.auto_block,
         ),
         [
             rules.now_arg(),
@@ -311,6 +366,15 @@ def describe_denial(outcome: StartOutcome, user_id: str) -> Denial:
             Severity.HIGH,
             f"Blocked user {user_id} attempted to start a service",
         )
+    if status == "autoblocked":
+        return Denial(
+            "User temporarily blocked after repeated violations. "
+            f"Retry in {ceil_seconds(outcome.retry_after)}s",
+            AnomalyType.UNAUTHORIZED_ACCESS,
+            Severity.HIGH,
+            f"Automatically blocked user {user_id} attempted to start "
+            "a service",
+        )
     if status == "rate":
         return Denial(
             f"Rate limit exceeded. Wait {outcome.retry_after:.1f}s",
@@ -365,6 +429,131 @@ def describe_denial(outcome: StartOutcome, user_id: str) -> Denial:
             f"Server overloaded, start denied for {user_id}",
         )
     raise BackendError(f"unknown start status {status!r}")
+
+
+# -- automatic blocking ------------------------------------------------------
+
+#: Anomalies that never count as a strike: they report the system, not
+#: something the user did.
+NOT_STRIKES = frozenset(
+    {
+        AnomalyType.LEASE_LOST,
+        AnomalyType.PROFILE_CORRUPT,
+        AnomalyType.USER_AUTO_BLOCKED,
+    }
+)
+STRIKE_SEVERITIES = frozenset({Severity.HIGH, Severity.CRITICAL})
+
+
+@dataclass(frozen=True, slots=True)
+class AutoBlock:
+    """When offences block a user's starts by themselves.
+
+    ``threshold`` high-severity anomalies of a user within ``window_ms``
+    block the user's service starts for ``duration_ms``.
+    """
+
+    threshold: int
+    window_ms: int
+    duration_ms: int
+
+    @classmethod
+    def from_options(
+        cls, threshold: Any, window: Any, duration: Any
+    ) -> Optional["AutoBlock"]:
+        """Return the setting for the policy options, ``None`` when off.
+
+        ``window`` and ``duration`` are in seconds.
+
+        Raises:
+            InvalidNumberError: a threshold that is not an int of 1 to
+                10 000, or a window or duration not in (0 s, 30 days].
+        """
+        check_number(window, "auto_block_window", low=0, high=MAX_BLOCK_S,
+                     low_open=True)
+        check_number(duration, "auto_block_duration", low=0,
+                     high=MAX_BLOCK_S, low_open=True)
+        if threshold is None:
+            return None
+        check_number(threshold, "auto_block_threshold", low=1, high=10_000,
+                     integer=True)
+        return cls(
+            threshold=int(threshold),
+            window_ms=max(1, math.ceil(window * 1000)),
+            duration_ms=max(1, math.ceil(duration * 1000)),
+        )
+
+    def counts(self, event: AnomalyEvent) -> bool:
+        """Return whether ``event`` is a strike against its user."""
+        return (
+            event.user_id is not None
+            and event.severity in STRIKE_SEVERITIES
+            and event.anomaly_type not in NOT_STRIKES
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StrikeOutcome:
+    """The reply of ``strike.lua``, typed."""
+
+    blocked: bool
+    strikes: int
+    blocked_for: float
+
+
+def strike_call(
+    rules: Rules, auto_block: AutoBlock, user_id: str, strike_id: str
+) -> ScriptCall:
+    """Return the call that counts one strike against ``user_id``."""
+    keys = rules.keys.user(user_id)
+    return ScriptCall(
+        script("strike.lua"),
+        (keys.strikes, keys.auto_block),
+        [
+            rules.now_arg(),
+            strike_id,
+            str(auto_block.threshold),
+            str(auto_block.window_ms),
+            str(auto_block.duration_ms),
+        ],
+    )
+
+
+def parse_strike(reply: Sequence[Any]) -> StrikeOutcome:
+    """Read the reply of ``strike.lua``.
+
+    Raises:
+        BackendError: the reply has the wrong shape.
+    """
+    if not isinstance(reply, (list, tuple)) or len(reply) != 3:
+        raise BackendError(f"unexpected script reply: {reply!r}")
+    return StrikeOutcome(
+        blocked=int(reply[0]) == 1,
+        strikes=int(reply[1]),
+        blocked_for=float(text(reply[2])),
+    )
+
+
+def auto_block_event(
+    user_id: str, outcome: StrikeOutcome, auto_block: AutoBlock
+) -> AnomalyEvent:
+    """Return the event recorded when strikes block a user."""
+    window_s = auto_block.window_ms / 1000
+    return AnomalyEvent(
+        timestamp=utcnow(),
+        anomaly_type=AnomalyType.USER_AUTO_BLOCKED,
+        user_id=user_id,
+        details=(
+            f"User {user_id} blocked for {outcome.blocked_for:g}s after "
+            f"{outcome.strikes} violations within {window_s:g}s"
+        ),
+        severity=Severity.HIGH,
+        metadata={
+            "strikes": outcome.strikes,
+            "window_seconds": window_s,
+            "blocked_seconds": outcome.blocked_for,
+        },
+    )
 
 
 # -- leases --------------------------------------------------------------------

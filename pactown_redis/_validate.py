@@ -80,13 +80,23 @@ def check_number(
         raise InvalidNumberError(
             f"{what} must be {kind}, not {type(value).__name__}"
         )
-    number = float(value)
-    if not math.isfinite(number):
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number) and not isinstance(value, int):
         raise InvalidNumberError(f"{what} must be finite, got {value!r}")
     too_low = number <= low if low_open else number < low
     if too_low or number > high:
         bound = f"> {low:g}" if low_open else f">= {low:g}"
         raise InvalidNumberError(
-            f"{what} must be {bound} and <= {high:g}, got {value!r}"
+            f"{what} must be {bound} and <= {high:g}, got {_show(value)}"
         )
     return number
+
+
+def _show(value: float) -> str:
+    # repr() of an int of thousands of digits is slow or refused outright.
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)

@@ -10,6 +10,10 @@ Layout, for namespace ``ns`` and an encoded user id ``U``::
     ns:{U}:starts     zset     starts of the last hour
     ns:{U}:fence      hash     fencing counter (TTL: last lease + grace)
     ns:{U}:reqids     zset     recent request ids, for safe retries
+    ns:{U}:strikes    zset     recent offences, for auto-blocking (TTL:
+                               the strike window)
+    ns:{U}:autoblock  string   end of an automatic block, in microseconds
+                               (TTL: the block's length)
     ns:anomalies      stream   anomaly events (capped with MAXLEN ~)
 
 The user's part sits inside ``{...}``, Redis Cluster's hash tag, so every
@@ -57,6 +61,8 @@ class UserKeys:
     starts: str
     fence: str
     request_ids: str
+    strikes: str
+    auto_block: str
 
     def all(self) -> tuple[str, ...]:
         """Return every key of the user."""
@@ -69,6 +75,8 @@ class UserKeys:
             self.starts,
             self.fence,
             self.request_ids,
+            self.strikes,
+            self.auto_block,
         )
 
 
@@ -101,6 +109,8 @@ class KeySpace:
             starts=base + "starts",
             fence=base + "fence",
             request_ids=base + "reqids",
+            strikes=base + "strikes",
+            auto_block=base + "autoblock",
         )
 
     def user_pattern(self) -> str:

@@ -59,6 +59,7 @@ class AnomalyType(str, Enum):
     HOURLY_LIMIT_EXCEEDED = "hourly_limit_exceeded"
     LEASE_LOST = "lease_lost"
     PROFILE_CORRUPT = "profile_corrupt"
+    USER_AUTO_BLOCKED = "user_auto_blocked"
 
 
 class Severity(str, Enum):
@@ -134,9 +135,11 @@ class UserProfile(BaseModel):
     blocked: bool = False
     reason: Optional[str] = Field(default=None, max_length=MAX_REASON_CHARS)
 
-    @field_validator("user_id")
+    # Before pydantic's own coercion, which would turn b"a" into "a" and
+    # let a bytes id reach the profile of the text id.
+    @field_validator("user_id", mode="before")
     @classmethod
-    def _user_id(cls, value: str) -> str:
+    def _user_id(cls, value: Any) -> str:
         return check_id(value, "user_id")
 
     @field_validator("allowed_ports")
@@ -165,8 +168,11 @@ class UserProfile(BaseModel):
         """Validate ``data`` into a profile.
 
         Raises:
+            InvalidIdError: ``user_id`` is not a usable id.
             InvalidInputError: with pydantic's description of what failed.
         """
+        if "user_id" in data:
+            check_id(data["user_id"], "user_id")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

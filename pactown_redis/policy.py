@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -76,6 +77,15 @@ class SecurityPolicy:
         load_probe: returns this machine's load; tests pass a fixed one.
         clock: for tests and simulations only: returns seconds to use
             instead of the Redis server's clock. Leave it ``None``.
+        auto_block_threshold: high-severity anomalies a user may cause
+            within ``auto_block_window`` before the user's service starts
+            are blocked for ``auto_block_duration``; ``None`` (the default)
+            turns automatic blocking off. Anomalies that report the system
+            (a lost lease, a corrupt profile) and attempts made while
+            blocked do not count.
+        auto_block_window: seconds within which offences add up.
+        auto_block_duration: seconds an automatic block lasts;
+            :meth:`unblock_user` lifts it sooner.
 
     Raises:
         InvalidInputError: a bad namespace or a number out of range.
@@ -99,6 +109,9 @@ class SecurityPolicy:
         on_lease_lost: Optional[LeaseLostHandler] = None,
         load_probe: Optional[Callable[[], LoadSample]] = None,
         clock: Optional[Callable[[], float]] = None,
+        auto_block_threshold: Optional[int] = None,
+        auto_block_window: float = 600.0,
+        auto_block_duration: float = 3600.0,
     ) -> None:
         self.rules = _outcomes.make_rules(
             namespace=namespace,
@@ -109,6 +122,9 @@ class SecurityPolicy:
             default_tier=default_tier,
             rapid_restart_threshold=rapid_restart_threshold,
             clock=clock,
+        )
+        self.auto_block = _core.AutoBlock.from_options(
+            auto_block_threshold, auto_block_window, auto_block_duration
         )
         if isinstance(redis, str):
             self._client = connect(redis)
@@ -233,8 +249,14 @@ class SecurityPolicy:
         await self._set_blocked(user_id, True, reason)
 
     async def unblock_user(self, user_id: str) -> None:
-        """Lift a block set by :meth:`block_user`."""
+        """Lift a block set by :meth:`block_user` and an automatic block,
+        and forget the user's strikes."""
         await self._set_blocked(user_id, False, "")
+        keys = self.keys.user(user_id)
+        try:
+            await self._client.delete(keys.auto_block, keys.strikes)
+        except RedisError as exc:
+            raise BackendError(f"unblock failed: {type(exc).__name__}") from exc
 
     async def _set_blocked(self, user_id: str, blocked: bool, reason: str) -> None:
         profile = _outcomes.block_profile(
@@ -281,7 +303,8 @@ class SecurityPolicy:
     ) -> SecurityCheckResult:
         """Check every limit and, when all pass, reserve the service's slot.
 
-        Checks, in order: blocked, start rate, concurrent services, starts
+        Checks, in order: blocked, automatically blocked (see
+        ``auto_block_threshold``), start rate, concurrent services, starts
         in the last hour, port, memory and CPU quotas (sums over the user's
         running services), this replica's load. Checking and reserving are
         one script, so two replicas never both take a user's last slot. A
@@ -326,7 +349,32 @@ class SecurityPolicy:
             self._hold(user_id, service_id, decision.lease)
         for event in decision.events:
             self.anomalies.record(event)
+        if outcome.status not in ("blocked", "autoblocked"):
+            await self._strike(decision.events)
         return decision.result
+
+    async def _strike(self, events: tuple[AnomalyEvent, ...]) -> None:
+        """Count the offences among ``events``; block at the threshold."""
+        if self.auto_block is None:
+            return
+        for event in events:
+            if event.user_id is None or not self.auto_block.counts(event):
+                continue
+            call = _core.strike_call(
+                self.rules, self.auto_block, event.user_id, secrets.token_hex(8)
+            )
+            try:
+                outcome = _core.parse_strike(await self._run(call))
+            except BackendError as exc:
+                # The decision stands; only this strike goes uncounted.
+                logger.warning("cannot count a strike: %s", exc)
+                continue
+            if outcome.blocked:
+                self.anomalies.record(
+                    _core.auto_block_event(
+                        event.user_id, outcome, self.auto_block
+                    )
+                )
 
     def _hold(self, user_id: str, service_id: str, lease: HeldLease) -> None:
         self._held.setdefault(user_id, {})[service_id] = lease
