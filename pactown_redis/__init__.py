@@ -16,6 +16,7 @@ from .errors import (
     InvalidNumberError,
     LeaseLostError,
     PactownRedisError,
+    RedisUnavailableError,
 )
 from .models import (
     TIER_LIMITS,
@@ -29,6 +30,7 @@ from .models import (
 )
 from .overload import LoadSample
 from .policy import SecurityPolicy
+from .resilience import FailMode
 from .sync import SyncSecurityPolicy
 
 try:
@@ -42,6 +44,7 @@ __all__ = [
     "AnomalyType",
     "BackendError",
     "CorruptProfileError",
+    "FailMode",
     "InvalidIdError",
     "InvalidInputError",
     "InvalidNumberError",
@@ -50,6 +53,7 @@ __all__ = [
     "LoadSample",
     "PactownRedisError",
     "RateLimitResult",
+    "RedisUnavailableError",
     "SecurityCheckResult",
     "SecurityPolicy",
     "Severity",

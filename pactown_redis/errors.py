@@ -9,6 +9,8 @@
     ├── CorruptProfileError                   a stored profile is unreadable
     ├── LeaseLostError                        a slot is no longer held
     └── BackendError                          Redis failed or replied oddly
+        └── RedisUnavailableError             no reply in time, unreachable,
+                                              or refusing (out of memory...)
 
 ``InvalidInputError`` derives from ``ValueError`` so that code written for
 plain validation errors keeps working. Errors raised because Redis failed
@@ -25,6 +27,7 @@ __all__ = [
     "InvalidNumberError",
     "LeaseLostError",
     "PactownRedisError",
+    "RedisUnavailableError",
 ]
 
 
@@ -73,3 +76,12 @@ class LeaseLostError(PactownRedisError):
 
 class BackendError(PactownRedisError):
     """Redis could not be reached in time, refused, or replied oddly."""
+
+
+class RedisUnavailableError(BackendError):
+    """Redis did not answer within the policy's deadline, could not be
+    reached, or refused to take writes (out of memory, read-only, loading);
+    also raised at once while the circuit breaker is open.
+
+    Decisions never raise it: they are made by the check's fail mode.
+    """

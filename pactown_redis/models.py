@@ -51,6 +51,7 @@ class AnomalyType(str, Enum):
     MEMORY_LIMIT_EXCEEDED = "memory_limit_exceeded"
     CPU_LIMIT_EXCEEDED = "cpu_limit_exceeded"
     SERVER_OVERLOADED = "server_overloaded"
+    REDIS_UNAVAILABLE = "redis_unavailable"
     SUSPICIOUS_PATTERN = "suspicious_pattern"
     UNAUTHORIZED_ACCESS = "unauthorized_access"
     RESOURCE_EXHAUSTION = "resource_exhaustion"

@@ -6,10 +6,10 @@ import asyncio
 import logging
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from . import _core, _outcomes
 from ._core import HeldLease, ScriptCall
@@ -19,6 +19,7 @@ from .errors import (
     BackendError,
     CorruptProfileError,
     LeaseLostError,
+    RedisUnavailableError,
 )
 from .models import (
     AnomalyEvent,
@@ -30,6 +31,16 @@ from .models import (
     UserTier,
 )
 from .overload import LoadMonitor, LoadSample
+from .resilience import (
+    DEFAULT_TIMEOUT,
+    AsyncGuard,
+    Resilience,
+    check_timeout,
+    client_options,
+    close_client,
+    new_request_id,
+    sentinel_client,
+)
 
 __all__ = ["SecurityPolicy"]
 
@@ -77,6 +88,21 @@ class SecurityPolicy:
         load_probe: returns this machine's load; tests pass a fixed one.
         clock: for tests and simulations only: returns seconds to use
             instead of the Redis server's clock. Leave it ``None``.
+        timeout: seconds a call to Redis may take (connect, send, reply,
+            one retry); a decision that misses it is made by its fail mode.
+        rate_limit_fail_mode: ``"local"`` (this replica's share of the
+            user's bucket), ``"open"`` (allow) or ``"closed"`` (deny):
+            how :meth:`check_rate_limit` decides without Redis.
+        start_fail_mode: likewise for :meth:`check_can_start_service`
+            (``"closed"`` by default); nothing is reserved without Redis.
+        replicas: how many replicas share the limits; a local bucket holds
+            ``1 / replicas`` of the limit.
+        breaker_threshold: consecutive Redis failures after which the
+            policy stops waiting on Redis for ``breaker_cooldown`` seconds,
+            then lets one call probe it.
+        breaker_cooldown: seconds, see ``breaker_threshold``.
+        monotonic: a monotonic clock in seconds for the breaker and the
+            local buckets; tests pass one they move.
         auto_block_threshold: high-severity anomalies a user may cause
             within ``auto_block_window`` before the user's service starts
             are blocked for ``auto_block_duration``; ``None`` (the default)
@@ -109,6 +135,13 @@ class SecurityPolicy:
         on_lease_lost: Optional[LeaseLostHandler] = None,
         load_probe: Optional[Callable[[], LoadSample]] = None,
         clock: Optional[Callable[[], float]] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        rate_limit_fail_mode: str = "local",
+        start_fail_mode: str = "closed",
+        replicas: int = 1,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 2.0,
+        monotonic: Optional[Callable[[], float]] = None,
         auto_block_threshold: Optional[int] = None,
         auto_block_window: float = 600.0,
         auto_block_duration: float = 3600.0,
@@ -126,8 +159,18 @@ class SecurityPolicy:
         self.auto_block = _core.AutoBlock.from_options(
             auto_block_threshold, auto_block_window, auto_block_duration
         )
+        self.resilience = Resilience(
+            self.rules,
+            timeout=timeout,
+            rate_limit_fail_mode=rate_limit_fail_mode,
+            start_fail_mode=start_fail_mode,
+            replicas=replicas,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            monotonic=monotonic,
+        )
         if isinstance(redis, str):
-            self._client = connect(redis)
+            self._client = connect(redis, **client_options(timeout))
             self._owns_client = True
         else:
             self._client = redis
@@ -142,6 +185,9 @@ class SecurityPolicy:
             log_path=None if anomaly_log_path is None else Path(anomaly_log_path),
             on_anomaly=on_anomaly,
         )
+        self._guard = AsyncGuard(
+            self._client, self.resilience, self.anomalies.record
+        )
         self.load = LoadMonitor(cpu_threshold, memory_threshold, probe=load_probe)
         self.on_lease_lost = on_lease_lost
         self._held: dict[str, dict[str, HeldLease]] = {}
@@ -153,6 +199,32 @@ class SecurityPolicy:
         """Build a policy on a new client for ``url`` (closed by
         :meth:`close`)."""
         return cls(url, **options)
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        *,
+        connection: Optional[dict[str, Any]] = None,
+        **options: Any,
+    ) -> "SecurityPolicy":
+        """Build a policy on the primary that Redis Sentinel names for
+        ``service_name``, asked again after a failover (closed by
+        :meth:`close`). ``sentinels`` are ``(host, port)`` pairs,
+        ``connection`` options of the data connections (``password``,
+        ``ssl``...), ``options`` as the constructor takes them.
+
+        Raises:
+            InvalidInputError: bad sentinels, service name or options.
+        """
+        timeout = check_timeout(options.get("timeout", DEFAULT_TIMEOUT))
+        client = sentinel_client(
+            sentinels, service_name, timeout=timeout, **(connection or {})
+        )
+        policy = cls(client, **options)
+        policy._owns_client = True
+        return policy
 
     def __repr__(self) -> str:
         return f"SecurityPolicy(namespace={self.namespace!r})"
@@ -175,21 +247,14 @@ class SecurityPolicy:
             await asyncio.gather(self._renewer, return_exceptions=True)
         await self.anomalies.flush()
         if self._owns_client:
-            await self._client.aclose()
+            await close_client(self._client)
 
     # -- sending -------------------------------------------------------------
 
     async def _run(self, call: ScriptCall) -> Any:
-        try:
-            try:
-                return await self._client.evalsha(*call.evalsha_args())
-            except NoScriptError:
-                # Nothing ran; EVAL runs the script once and caches it again.
-                return await self._client.eval(*call.eval_args())
-        except RedisError as exc:
-            raise BackendError(
-                f"{call.script.name} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        # Deadline, one safe retry, NOSCRIPT recovery and the breaker;
+        # raises RedisUnavailableError when Redis cannot decide in time.
+        return await self._guard.run(call)
 
     def _record(
         self,
@@ -273,18 +338,23 @@ class SecurityPolicy:
 
         The bucket holds ``max_requests_per_minute`` tokens and refills at
         that many per minute. A denied request debits nothing and records a
-        ``RATE_LIMIT_EXCEEDED`` anomaly.
+        ``RATE_LIMIT_EXCEEDED`` anomaly. Without Redis in time, the result
+        comes from ``rate_limit_fail_mode`` and says ``degraded=True``.
 
         Raises:
             InvalidInputError: bad ``user_id`` or ``cost`` (must be > 0).
-            BackendError: Redis failed.
+            BackendError: Redis answered with an unexpected error.
         """
-        call = _core.rate_limit_call(self.rules, user_id, cost)
+        # The id lets a retry of this debit be answered 'dup', not debited.
+        call = _core.rate_limit_call(self.rules, user_id, cost, new_request_id())
         try:
             result = _core.parse_rate_limit(user_id, await self._run(call))
         except CorruptProfileError as exc:
             self._corrupt(exc)
             return _outcomes.CORRUPT_RATE_RESULT
+        except RedisUnavailableError:
+            return self.resilience.rate_limit(user_id, cost)
+        self.resilience.remember_limit(user_id, result.limit)
         if not result.allowed:
             self.anomalies.record(
                 _outcomes.rate_denied_event(user_id, cost, result)
@@ -310,11 +380,13 @@ class SecurityPolicy:
         one script, so two replicas never both take a user's last slot. A
         ``service_id`` that already holds a slot is renewed, not reserved
         twice. The slot is then a lease this policy renews until
-        :meth:`unregister_service`.
+        :meth:`unregister_service`. Without Redis in time, the result comes
+        from ``start_fail_mode``, says ``degraded=True`` and reserves
+        nothing.
 
         Raises:
             InvalidInputError: a bad id, port (1-65535), memory or CPU.
-            BackendError: Redis failed.
+            BackendError: Redis answered with an unexpected error.
         """
         excess = self.load.excess()
         call = _core.start_call(
@@ -330,6 +402,8 @@ class SecurityPolicy:
             outcome = _core.parse_start(await self._run(call))
         except CorruptProfileError as exc:  # pragma: no cover - parse_start
             raise BackendError(str(exc)) from exc
+        except RedisUnavailableError:
+            return self.resilience.start(user_id)
         if outcome.status == "corrupt":
             decision = _outcomes.corrupt_start(user_id, outcome.detail)
         elif not outcome.allowed:

@@ -85,6 +85,8 @@ async def make_policy(
     """Build policies on the backend under test, closed at the end.
 
     Overload checks are off unless a test passes thresholds and a probe.
+    The deadline is generous, so that a busy test machine never turns a
+    decision into a degraded one; tests of the deadline set their own.
     """
     made: list[SecurityPolicy] = []
 
@@ -92,6 +94,7 @@ async def make_policy(
         options.setdefault("clock", clock)
         options.setdefault("cpu_threshold", None)
         options.setdefault("memory_threshold", None)
+        options.setdefault("timeout", 10.0)
         policy = SecurityPolicy(redis_client, **options)  # type: ignore[arg-type]
         made.append(policy)
         return policy

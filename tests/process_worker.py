@@ -17,8 +17,10 @@ from pactown_redis import SecurityPolicy
 
 
 async def run(url: str, user: str, tag: str, requests: int, starts: int) -> None:
+    # A generous deadline: the test counts shared decisions, and a busy
+    # machine must not turn some into local ones.
     async with SecurityPolicy.from_url(
-        url, cpu_threshold=None, memory_threshold=None
+        url, cpu_threshold=None, memory_threshold=None, timeout=10.0
     ) as policy:
         rates = await asyncio.gather(
             *(policy.check_rate_limit(user) for _ in range(requests))
