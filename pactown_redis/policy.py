@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError
 
-from . import _core, _outcomes
+from . import _cluster, _core, _outcomes
 from ._core import HeldLease, ScriptCall
 from ._validate import check_id
 from .anomalies import AnomalyHandler, AnomalyLog, summarize
 from .errors import (
     BackendError,
     CorruptProfileError,
+    InvalidInputError,
     LeaseLostError,
     RedisUnavailableError,
 )
@@ -49,11 +51,44 @@ logger = logging.getLogger(__name__)
 LeaseLostHandler = Callable[[str, str], Any]
 
 
-def connect(url: str, **options: Any) -> "aredis.Redis":
+def connect(
+    url: Union[str, Sequence[tuple[str, int]]],
+    *,
+    cluster: bool = False,
+    **options: Any,
+) -> Any:
     """Return an async client for ``url`` speaking RESP3, the protocol the
-    reply parsing is written for (RESP2 replies are read as well)."""
+    reply parsing is written for (RESP2 replies are read as well).
+
+    ``url`` names one server, or a Redis Cluster: a ``redis+cluster://``
+    (``rediss+cluster://``) URL of any node, a ``redis://`` URL with
+    ``cluster=True``, or a list of ``(host, port)`` startup nodes. A
+    cluster gets a ``redis.asyncio.cluster.RedisCluster``.
+
+    Raises:
+        InvalidInputError: a malformed URL or startup node list.
+    """
     options.setdefault("protocol", 3)
-    return aredis.from_url(url, **options)
+    if not isinstance(url, str):
+        nodes = [
+            ClusterNode(host, port)
+            for host, port in _cluster.startup_nodes(url)
+        ]
+        return aredis.RedisCluster(startup_nodes=nodes, **options)
+    url, cluster = _cluster.cluster_url(url, cluster)
+    try:
+        if cluster:
+            return aredis.RedisCluster.from_url(url, **options)
+        return aredis.from_url(url, **options)
+    except ValueError as exc:
+        if "@" in url:
+            # The parser's message, and so the cause, may quote part of the
+            # password: one with an unescaped '/' is read as host and port.
+            raise InvalidInputError(
+                "cannot use Redis URL: it does not parse (special "
+                "characters in a password must be percent-encoded)"
+            ) from None
+        raise InvalidInputError(f"cannot use Redis URL: {exc}") from exc
 
 
 class SecurityPolicy:
@@ -65,8 +100,10 @@ class SecurityPolicy:
     the Redis server's clock.
 
     Args:
-        redis: a ``redis.asyncio`` client (left open by :meth:`close`) or a
-            URL (a client is made, and closed by :meth:`close`).
+        redis: a ``redis.asyncio`` client, ``RedisCluster`` included (left
+            open by :meth:`close`), or a URL or list of cluster startup
+            nodes as :func:`connect` takes (a client is made, and closed
+            by :meth:`close`).
         namespace: prefix of every key; several apps may share one Redis.
         default_rate_limit: service starts per minute refilled into the
             start bucket (which holds ``start_burst`` starts).
@@ -169,7 +206,7 @@ class SecurityPolicy:
             breaker_cooldown=breaker_cooldown,
             monotonic=monotonic,
         )
-        if isinstance(redis, str):
+        if isinstance(redis, (str, list, tuple)):
             self._client = connect(redis, **client_options(timeout))
             self._owns_client = True
         else:
@@ -195,10 +232,21 @@ class SecurityPolicy:
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> "SecurityPolicy":
+    def from_url(
+        cls,
+        url: Union[str, Sequence[tuple[str, int]]],
+        *,
+        cluster: bool = False,
+        **options: Any,
+    ) -> "SecurityPolicy":
         """Build a policy on a new client for ``url`` (closed by
-        :meth:`close`)."""
-        return cls(url, **options)
+        :meth:`close`); ``url`` and ``cluster`` are as :func:`connect`
+        takes them, ``options`` as the constructor does."""
+        timeout = check_timeout(options.get("timeout", DEFAULT_TIMEOUT))
+        client = connect(url, cluster=cluster, **client_options(timeout))
+        policy = cls(client, **options)
+        policy._owns_client = True
+        return policy
 
     @classmethod
     def from_sentinel(
@@ -570,5 +618,5 @@ class SecurityPolicy:
 
     async def _now_ms(self) -> int:
         # Stream ids carry the server's time, even under a test clock.
-        return _outcomes.time_reply_ms(await self._client.time())
+        return _cluster.time_ms(await self._client.time())
 
