@@ -41,7 +41,10 @@ from enum import Enum
 from typing import Any, Callable, Coroutine, Hashable, Optional, Sequence
 
 from redis import exceptions as rx
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ._core import Rules
 from ._validate import check_number
@@ -570,6 +573,8 @@ class Resilience:
         Raises:
             RedisUnavailableError: the breaker holds calls back.
         """
+        if self.breaker.state is BreakerState.CLOSED:
+            return
         with self._lock:
             if self.breaker.allow():
                 return
@@ -771,18 +776,11 @@ def client_options(timeout: float, *, asynchronous: bool = True) -> dict[str, An
     """Return the options of a client a policy makes: connect and socket
     timeouts of ``timeout`` seconds, and no retries inside the client (the
     policy retries once itself, within its deadline)."""
-    if asynchronous:
-        from redis.asyncio.retry import Retry as AsyncRetry
-
-        retry: Any = AsyncRetry(NoBackoff(), 0)
-    else:
-        from redis.retry import Retry
-
-        retry = Retry(NoBackoff(), 0)
+    retry: Any = AsyncRetry if asynchronous else Retry
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": retry,
+        "retry": retry(NoBackoff(), 0),
     }
 
 
@@ -802,8 +800,6 @@ def sentinel_client(
         InvalidInputError: ``sentinels`` is not a non-empty list of
             ``(host, port)`` pairs, or ``service_name`` is not text.
     """
-    from redis.asyncio.sentinel import Sentinel
-
     pairs = list(sentinels) if isinstance(sentinels, (list, tuple)) else []
     if not pairs or not all(
         isinstance(pair, (list, tuple))

@@ -48,7 +48,6 @@ COOLDOWN = 5.0
 TEST_BOUND = 60.0
 
 
-
 def bounded(test: Callable[..., Awaitable[None]]) -> Callable[..., Any]:
     """End the test with a failure if it runs past ``TEST_BOUND``."""
 
@@ -59,7 +58,9 @@ def bounded(test: Callable[..., Awaitable[None]]) -> Callable[..., Any]:
     return run
 
 
-def build(url_or_client: Any, clock: Any, ticker: Clock, **options: Any):
+def build(
+    url_or_client: Any, clock: Clock, ticker: Clock, **options: Any
+) -> SecurityPolicy:
     """A policy with the deadline under test and overload checks off."""
     options.setdefault("timeout", TIMEOUT)
     options.setdefault("breaker_cooldown", COOLDOWN)

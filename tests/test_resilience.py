@@ -45,7 +45,6 @@ from conftest import Clock
 from servers import free_port
 
 
-
 def rules(burst: int = 10, namespace: str = "t") -> Rules:
     return Rules(
         keys=KeySpace(namespace),
