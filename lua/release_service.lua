@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  leases: sorted set, member = service id, score = expiry (ms)
 -- KEYS[2]  lease metadata hash: service id -> "memory cpu fence"
--- KEYS[3]  fencing counter hash {last, born}
+-- KEYS[3]  fencing counter hash {last, born, gone:<service id>}
 -- ARGV[1]  clock override in microseconds, '' for the server's TIME
 -- ARGV[2]  fencing counter grace beyond the last lease, milliseconds
 -- ARGV[3]  service id
@@ -11,7 +11,11 @@
 -- Returns 1 when a lease was removed, 0 when there was none or it belongs
 -- to another fence (a newer holder keeps its slot).
 --
--- Writes: removes the lease and its metadata; TTLs as in start_service.lua.
+-- Writes: removes the lease and its metadata; when the lease's fence is
+-- older than the counter (a restored lease), records the release in the
+-- counter as gone:<service id> = fence, so that renew_leases.lua does not
+-- restore it again (it lives as long as the counter); TTLs as in
+-- start_service.lua.
 
 local svc_key, meta_key, fence_key = KEYS[1], KEYS[2], KEYS[3]
 local clock = ARGV[1]
@@ -27,6 +31,12 @@ if redis.call('ZSCORE', svc_key, service_id)
   redis.call('ZREM', svc_key, service_id)
   redis.call('HDEL', meta_key, service_id)
   removed = 1
+  -- A lease older than its counter was restored after a loss, and a stale
+  -- renewal could restore it again: the counter records its release.
+  local born = tonumber(redis.call('HGET', fence_key, 'born'))
+  if born and current < born then
+    redis.call('HSET', fence_key, 'gone:' .. service_id, fstr(current))
+  end
 end
 purge_leases(svc_key, meta_key, now_ms)
 refresh_lease_ttl(svc_key, meta_key, fence_key, now_ms, grace_ms)

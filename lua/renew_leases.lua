@@ -3,16 +3,18 @@
 --
 -- A lease is renewed when it is live and carries the holder's fence. A
 -- lease missing from Redis is restored when, by this server's clock, the
--- holder's copy has not run out and the user's fencing counter is younger
--- than the lease (Redis lost the user's state: a restart without
--- persistence or a failover that dropped writes). Any other case is lost:
--- the lease expired, was released, or now belongs to a newer fence.
+-- holder's copy has not run out, the user's fencing counter (as it was
+-- when this call began) is younger than the lease, and the counter holds
+-- no record of that lease's release (Redis lost the user's state: a
+-- restart without persistence or a failover that dropped writes). Any
+-- other case is lost: the lease expired, was released, or now belongs to
+-- a newer fence.
 -- Restoring ignores limits on purpose: the service is running, and the
 -- count must say so.
 --
 -- KEYS[1]  leases: sorted set, member = service id, score = expiry (ms)
 -- KEYS[2]  lease metadata hash: service id -> "memory cpu fence"
--- KEYS[3]  fencing counter hash {last, born}
+-- KEYS[3]  fencing counter hash {last, born, gone:<service id>}
 -- ARGV[1]  clock override in microseconds, '' for the server's TIME
 -- ARGV[2]  lease length in milliseconds
 -- ARGV[3]  fencing counter grace beyond the last lease, milliseconds
@@ -52,6 +54,10 @@ local function renew(service_id, fence, held_until, memory, cpu)
   if born and born <= fence then
     return 'lost', 0
   end
+  if tonumber(redis.call('HGET', fence_key, 'gone:' .. service_id))
+      == fence then
+    return 'lost', 0
+  end
   redis.call('ZADD', svc_key, fstr(expiry_ms), service_id)
   redis.call('HSET', meta_key, service_id,
              memory .. ' ' .. cpu .. ' ' .. fstr(fence))
@@ -59,9 +65,10 @@ local function renew(service_id, fence, held_until, memory, cpu)
   if fence > last then
     redis.call('HSET', fence_key, 'last', fstr(fence))
   end
-  if not born then
-    born = now
-    redis.call('HSET', fence_key, 'born', fstr(born))
+  -- 'born' keeps the value read before any restore: every lease of this
+  -- call is judged against the counter as the loss left it.
+  if redis.call('HEXISTS', fence_key, 'born') == 0 then
+    redis.call('HSET', fence_key, 'born', fstr(now))
   end
   return 'restored', fence
 end

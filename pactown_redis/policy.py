@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 LeaseLostHandler = Callable[[str, str], Any]
 
+#: Lost leases whose fence a policy remembers until they are unregistered.
+_MAX_LOST_FENCES = 10_000
+
 
 def connect(
     url: Union[str, Sequence[tuple[str, int]]],
@@ -228,6 +231,10 @@ class SecurityPolicy:
         self.load = LoadMonitor(cpu_threshold, memory_threshold, probe=load_probe)
         self.on_lease_lost = on_lease_lost
         self._held: dict[str, dict[str, HeldLease]] = {}
+        # Fences of leases found lost, kept until their service is
+        # unregistered, so that unregistering it frees that lease only and
+        # never the slot a newer holder took for the same service.
+        self._lost_fences: dict[tuple[str, str], int] = {}
         self._renewer: Optional[asyncio.Task[None]] = None
         self._closed = False
 
@@ -500,6 +507,7 @@ class SecurityPolicy:
 
     def _hold(self, user_id: str, service_id: str, lease: HeldLease) -> None:
         self._held.setdefault(user_id, {})[service_id] = lease
+        self._lost_fences.pop((user_id, service_id), None)
         if self._renewer is None and not self._closed:
             self._renewer = asyncio.get_running_loop().create_task(
                 self._renew_forever(), name="pactown-redis lease renewer"
@@ -530,13 +538,20 @@ class SecurityPolicy:
         return outcome.fence
 
     async def unregister_service(self, user_id: str, service_id: str) -> bool:
-        """Free a service's slot; returns whether a slot was freed."""
+        """Free a service's slot; returns whether a slot was freed.
+
+        Only the lease this policy holds (or last held, if it found the
+        lease lost) is freed; a service this policy never held frees
+        whichever lease holds it.
+        """
         held = self._held.get(user_id, {}).get(service_id)
-        call = _core.release_call(
-            self.rules, user_id, service_id, None if held is None else held.fence
-        )
+        fence = self._lost_fences.get((user_id, service_id))
+        if held is not None:
+            fence = held.fence
+        call = _core.release_call(self.rules, user_id, service_id, fence)
         removed = bool(await self._run(call))
         self._drop(user_id, service_id)
+        self._lost_fences.pop((user_id, service_id), None)
         return removed
 
     async def renew_leases(self) -> list[_core.RenewOutcome]:
@@ -556,7 +571,7 @@ class SecurityPolicy:
         for outcome, held in zip(outcomes, leases.values()):
             if outcome.status == "lost":
                 if held is not None:
-                    await self._lost(user_id, outcome.service_id)
+                    await self._lost(user_id, outcome.service_id, held.fence)
                 continue
             self._hold(
                 user_id,
@@ -565,8 +580,12 @@ class SecurityPolicy:
             )
         return outcomes
 
-    async def _lost(self, user_id: str, service_id: str) -> None:
+    async def _lost(self, user_id: str, service_id: str, fence: int) -> None:
         self._drop(user_id, service_id)
+        self._lost_fences[(user_id, service_id)] = fence
+        if len(self._lost_fences) > _MAX_LOST_FENCES:
+            # The oldest loss's service was most likely stopped long ago.
+            del self._lost_fences[next(iter(self._lost_fences))]
         self.anomalies.record(_outcomes.lease_lost_event(user_id, service_id))
         if self.on_lease_lost is not None:
             try:
