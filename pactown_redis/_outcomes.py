@@ -7,11 +7,12 @@ call and publishing the events to the API that uses them.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from . import _core
-from ._core import HeldLease, RenewOutcome, Rules, StartOutcome
+from ._core import AutoBlock, HeldLease, RenewOutcome, Rules, StartOutcome
 from ._validate import check_number
 from .errors import CorruptProfileError, InvalidInputError
 from .keys import KeySpace
@@ -164,17 +165,151 @@ def rate_denied_event(
     )
 
 
+def rate_decision(
+    user_id: str, cost: float, reply: Any
+) -> tuple[RateLimitResult, tuple[AnomalyEvent, ...]]:
+    """Return the result of a debit's reply and the events to record: a
+    denial's, or a corrupt stored profile's (which denies).
+
+    Raises:
+        BackendError: the reply has the wrong shape.
+    """
+    try:
+        result = _core.parse_rate_limit(user_id, reply)
+    except CorruptProfileError as exc:
+        return CORRUPT_RATE_RESULT, (corrupt_event(exc),)
+    if result.allowed:
+        return result, ()
+    return result, (rate_denied_event(user_id, cost, result),)
+
+
 # -- service starts ----------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
+class Strike:
+    """One offence to count against ``user_id`` by sending ``call``."""
+
+    user_id: str
+    call: ScriptCall
+    auto_block: AutoBlock
+
+    def blocked_event(self, reply: Any) -> Optional[AnomalyEvent]:
+        """Return the ``USER_AUTO_BLOCKED`` event when the reply to
+        ``call`` says this strike blocked the user, else ``None``.
+
+        Raises:
+            BackendError: the reply has the wrong shape.
+        """
+        outcome = _core.parse_strike(reply)
+        if not outcome.blocked:
+            return None
+        return _core.auto_block_event(self.user_id, outcome, self.auto_block)
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
-    """A start's result, the events to record (in order) and, when
-    granted, the lease the policy now holds."""
+    """A start's result, the events to record (in order), the strikes
+    to count after them and, when granted, the lease the policy now
+    holds."""
 
     result: SecurityCheckResult
     events: tuple[AnomalyEvent, ...] = ()
     lease: Optional[HeldLease] = None
+    strikes: tuple[Strike, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StartCheck:
+    """A service start to check: the call to send, and what its outcome
+    decides. Built by :func:`start_check`."""
+
+    rules: Rules
+    auto_block: Optional[AutoBlock]
+    user_id: str
+    service_id: str
+    memory_mb: float
+    cpu_percent: float
+    excess: float
+    delay: float
+    call: ScriptCall
+
+    def decide(self, outcome: StartOutcome) -> Decision:
+        """Return the decision for the call's outcome, with the strikes
+        its events count when automatic blocking is on. Attempts refused
+        because the user is blocked count none, so a block does not feed
+        itself."""
+        user_id, service_id = self.user_id, self.service_id
+        if outcome.status == "corrupt":
+            decision = corrupt_start(user_id, outcome.detail)
+        elif not outcome.allowed:
+            decision = denied_start(outcome, user_id, service_id)
+        else:
+            decision = granted_start(
+                outcome,
+                user_id,
+                service_id,
+                memory_mb=self.memory_mb,
+                cpu_percent=self.cpu_percent,
+                excess=self.excess,
+                delay=self.delay,
+                rules=self.rules,
+            )
+        auto_block = self.auto_block
+        if auto_block is None or outcome.status in ("blocked", "autoblocked"):
+            return decision
+        strikes = tuple(
+            Strike(
+                user_id,
+                _core.strike_call(
+                    self.rules, auto_block, user_id, secrets.token_hex(8)
+                ),
+                auto_block,
+            )
+            for recorded in decision.events
+            if auto_block.counts(recorded)
+        )
+        return Decision(decision.result, decision.events, decision.lease, strikes)
+
+
+def start_check(
+    rules: Rules,
+    auto_block: Optional[AutoBlock],
+    user_id: str,
+    service_id: str,
+    port: Optional[int],
+    memory_mb: float,
+    cpu_percent: float,
+    *,
+    excess: float,
+    delay: float,
+) -> StartCheck:
+    """Return the check of one start. ``excess`` is how far this replica
+    is over its load thresholds, ``delay`` the wait asked for it.
+
+    Raises:
+        InvalidInputError: a bad id, port (1-65535), memory or CPU.
+    """
+    call = _core.start_call(
+        rules,
+        user_id,
+        service_id,
+        port=port,
+        memory_mb=memory_mb,
+        cpu_percent=cpu_percent,
+        overloaded=excess > 0,
+    )
+    return StartCheck(
+        rules,
+        auto_block,
+        user_id,
+        service_id,
+        memory_mb,
+        cpu_percent,
+        excess,
+        delay,
+        call,
+    )
 
 
 def corrupt_start(user_id: str, field: str) -> Decision:
@@ -310,9 +445,3 @@ def summary_span_ms(hours: Any) -> int:
     """
     check_number(hours, "hours", low=0, high=MAX_SUMMARY_HOURS, low_open=True)
     return int(hours * 3_600_000)
-
-
-def time_reply_ms(reply: Sequence[Any]) -> int:
-    """Return a ``TIME`` reply in milliseconds."""
-    seconds, micros = reply
-    return int(seconds) * 1000 + int(micros) // 1000

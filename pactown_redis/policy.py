@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import redis.asyncio as aredis
-from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError
 
 from . import _cluster, _core, _outcomes
@@ -19,7 +17,6 @@ from .anomalies import AnomalyHandler, AnomalyLog, summarize
 from .errors import (
     BackendError,
     CorruptProfileError,
-    InvalidInputError,
     LeaseLostError,
     RedisUnavailableError,
 )
@@ -40,6 +37,7 @@ from .resilience import (
     check_timeout,
     client_options,
     close_client,
+    make_client,
     new_request_id,
     sentinel_client,
 )
@@ -71,27 +69,7 @@ def connect(
     Raises:
         InvalidInputError: a malformed URL or startup node list.
     """
-    options.setdefault("protocol", 3)
-    if not isinstance(url, str):
-        nodes = [
-            ClusterNode(host, port)
-            for host, port in _cluster.startup_nodes(url)
-        ]
-        return aredis.RedisCluster(startup_nodes=nodes, **options)
-    url, cluster = _cluster.cluster_url(url, cluster)
-    try:
-        if cluster:
-            return aredis.RedisCluster.from_url(url, **options)
-        return aredis.from_url(url, **options)
-    except ValueError as exc:
-        if "@" in url:
-            # The parser's message, and so the cause, may quote part of the
-            # password: one with an unescaped '/' is read as host and port.
-            raise InvalidInputError(
-                "cannot use Redis URL: it does not parse (special "
-                "characters in a password must be percent-encoded)"
-            ) from None
-        raise InvalidInputError(f"cannot use Redis URL: {exc}") from exc
+    return make_client(url, cluster=cluster, **options)
 
 
 class SecurityPolicy:
@@ -331,10 +309,6 @@ class SecurityPolicy:
                 metadata=metadata,
             )
         )
-
-    def _corrupt(self, exc: CorruptProfileError) -> AnomalyEvent:
-        return self.anomalies.record(_outcomes.corrupt_event(exc))
-
     # -- profiles --------------------------------------------------------------
 
     async def set_user_profile(self, profile: UserProfile) -> None:
@@ -403,17 +377,13 @@ class SecurityPolicy:
         # The id lets a retry of this debit be answered 'dup', not debited.
         call = _core.rate_limit_call(self.rules, user_id, cost, new_request_id())
         try:
-            result = _core.parse_rate_limit(user_id, await self._run(call))
-        except CorruptProfileError as exc:
-            self._corrupt(exc)
-            return _outcomes.CORRUPT_RATE_RESULT
+            reply = await self._run(call)
         except RedisUnavailableError:
             return self.resilience.rate_limit(user_id, cost)
+        result, events = _outcomes.rate_decision(user_id, cost, reply)
         self.resilience.remember_limit(user_id, result.limit)
-        if not result.allowed:
-            self.anomalies.record(
-                _outcomes.rate_denied_event(user_id, cost, result)
-            )
+        for event in events:
+            self.anomalies.record(event)
         return result
 
     # -- services ----------------------------------------------------------------
@@ -444,66 +414,35 @@ class SecurityPolicy:
             BackendError: Redis answered with an unexpected error.
         """
         excess = self.load.excess()
-        call = _core.start_call(
-            self.rules,
-            user_id,
-            service_id,
-            port=port,
-            memory_mb=memory_mb,
-            cpu_percent=cpu_percent,
-            overloaded=excess > 0,
+        check = _outcomes.start_check(
+            self.rules, self.auto_block, user_id, service_id, port, memory_mb,
+            cpu_percent, excess=excess, delay=self.load.delay_for(excess),
         )
         try:
-            outcome = _core.parse_start(await self._run(call))
+            outcome = _core.parse_start(await self._run(check.call))
         except CorruptProfileError as exc:  # pragma: no cover - parse_start
             raise BackendError(str(exc)) from exc
         except RedisUnavailableError:
             return self.resilience.start(user_id)
-        if outcome.status == "corrupt":
-            decision = _outcomes.corrupt_start(user_id, outcome.detail)
-        elif not outcome.allowed:
-            decision = _outcomes.denied_start(outcome, user_id, service_id)
-        else:
-            decision = _outcomes.granted_start(
-                outcome,
-                user_id,
-                service_id,
-                memory_mb=memory_mb,
-                cpu_percent=cpu_percent,
-                excess=excess,
-                delay=self.load.delay_for(excess),
-                rules=self.rules,
-            )
+        decision = check.decide(outcome)
         if decision.lease is not None:
             self._hold(user_id, service_id, decision.lease)
         for event in decision.events:
             self.anomalies.record(event)
-        if outcome.status not in ("blocked", "autoblocked"):
-            await self._strike(decision.events)
+        await self._strike(decision.strikes)
         return decision.result
 
-    async def _strike(self, events: tuple[AnomalyEvent, ...]) -> None:
-        """Count the offences among ``events``; block at the threshold."""
-        if self.auto_block is None:
-            return
-        for event in events:
-            if event.user_id is None or not self.auto_block.counts(event):
-                continue
-            call = _core.strike_call(
-                self.rules, self.auto_block, event.user_id, secrets.token_hex(8)
-            )
+    async def _strike(self, strikes: tuple[_outcomes.Strike, ...]) -> None:
+        """Count ``strikes``; record the block one of them sets."""
+        for strike in strikes:
             try:
-                outcome = _core.parse_strike(await self._run(call))
+                blocked = strike.blocked_event(await self._run(strike.call))
             except BackendError as exc:
                 # The decision stands; only this strike goes uncounted.
                 logger.warning("cannot count a strike: %s", exc)
                 continue
-            if outcome.blocked:
-                self.anomalies.record(
-                    _core.auto_block_event(
-                        event.user_id, outcome, self.auto_block
-                    )
-                )
+            if blocked is not None:
+                self.anomalies.record(blocked)
 
     def _hold(self, user_id: str, service_id: str, lease: HeldLease) -> None:
         self._held.setdefault(user_id, {})[service_id] = lease

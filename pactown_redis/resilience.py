@@ -40,12 +40,19 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Callable, Coroutine, Hashable, Optional, Sequence
 
+from redis import Redis, RedisCluster
 from redis import exceptions as rx
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio import RedisCluster as AsyncRedisCluster
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
+from . import _cluster
 from ._core import Rules
 from ._validate import check_number
 from .errors import (
@@ -80,7 +87,9 @@ __all__ = [
     "check_timeout",
     "client_options",
     "close_client",
+    "close_sync_client",
     "is_unavailable",
+    "make_client",
     "new_request_id",
     "retryable",
     "sentinel_client",
@@ -784,15 +793,61 @@ def client_options(timeout: float, *, asynchronous: bool = True) -> dict[str, An
     }
 
 
+def make_client(
+    url: Any,
+    *,
+    cluster: bool = False,
+    asynchronous: bool = True,
+    **options: Any,
+) -> Any:
+    """Return a client for ``url``, from ``redis.asyncio`` or, with
+    ``asynchronous=False``, the blocking ``redis``; it speaks RESP3 unless
+    ``options`` say otherwise. No connection is opened yet.
+
+    ``url`` names one server, or a Redis Cluster: a ``redis+cluster://``
+    (``rediss+cluster://``) URL of any node, a ``redis://`` URL with
+    ``cluster=True``, or a list of ``(host, port)`` startup nodes. A
+    cluster gets a ``RedisCluster``.
+
+    Raises:
+        InvalidInputError: a malformed URL or startup node list.
+    """
+    options.setdefault("protocol", 3)
+    single, many, node = (
+        (AsyncRedis, AsyncRedisCluster, AsyncClusterNode)
+        if asynchronous
+        else (Redis, RedisCluster, ClusterNode)
+    )
+    if not isinstance(url, str):
+        nodes = [node(host, port) for host, port in _cluster.startup_nodes(url)]
+        return many(startup_nodes=nodes, **options)
+    url, cluster = _cluster.cluster_url(url, cluster)
+    try:
+        if cluster:
+            return many.from_url(url, **options)
+        return single.from_url(url, **options)
+    except ValueError as exc:
+        if "@" in url:
+            # The parser's message, and so the cause, may quote part of the
+            # password: one with an unescaped '/' is read as host and port.
+            raise InvalidInputError(
+                "cannot use Redis URL: it does not parse (special "
+                "characters in a password must be percent-encoded)"
+            ) from None
+        raise InvalidInputError(f"cannot use Redis URL: {exc}") from exc
+
+
 def sentinel_client(
     sentinels: Sequence[tuple[str, int]],
     service_name: str,
     *,
     timeout: float,
+    asynchronous: bool = True,
     **connection: Any,
 ) -> Any:
-    """Return an async client for the primary Sentinel names for
-    ``service_name``; it asks the sentinels again after a failover.
+    """Return a client for the primary Sentinel names for ``service_name``,
+    async or, with ``asynchronous=False``, blocking; it asks the sentinels
+    again after a failover.
 
     ``connection`` goes to the data connections (``password``, ``ssl``...).
 
@@ -813,24 +868,39 @@ def sentinel_client(
         )
     if not isinstance(service_name, str) or not service_name:
         raise InvalidInputError("service_name must be a non-empty str")
-    options = {**client_options(timeout), "protocol": 3, **connection}
-    manager = Sentinel(
+    data = client_options(timeout, asynchronous=asynchronous)
+    manager = (AsyncSentinel if asynchronous else Sentinel)(
         [(host, port) for host, port in pairs],
-        sentinel_kwargs=client_options(timeout),
-        **options,
+        sentinel_kwargs=client_options(timeout, asynchronous=asynchronous),
+        **{**data, "protocol": 3, **connection},
     )
     return manager.master_for(service_name)
 
 
-async def close_client(client: Any) -> None:
-    """Close a client a policy made, and the sentinel connections behind
-    it when it came from :func:`sentinel_client`."""
+def _sentinels_of(client: Any) -> list[Any]:
+    """Return the sentinel clients behind a :func:`sentinel_client`
+    client; none for any other."""
     manager = getattr(
         getattr(client, "connection_pool", None), "sentinel_manager", None
     )
+    return list(getattr(manager, "sentinels", ()))
+
+
+async def close_client(client: Any) -> None:
+    """Close an async client a policy made, and the sentinel connections
+    behind it when it came from :func:`sentinel_client`."""
+    sentinels = _sentinels_of(client)
     await client.aclose()
-    for sentinel in getattr(manager, "sentinels", ()):
+    for sentinel in sentinels:
         await sentinel.aclose()
+
+
+def close_sync_client(client: Any) -> None:
+    """Close a blocking client a policy made, as :func:`close_client`."""
+    sentinels = _sentinels_of(client)
+    client.close()
+    for sentinel in sentinels:
+        sentinel.close()
 
 
 # -- the async sender ---------------------------------------------------------

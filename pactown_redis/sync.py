@@ -3,10 +3,13 @@
 the command line).
 
 Decisions are the same scripts with the same arguments, so a sync and an
-async policy on one Redis and namespace share one set of limits. Two
-things differ in how they run: anomalies are appended to the stream and
-handed to ``on_anomaly`` inline, right after the decision, and held leases
-are renewed by a daemon thread rather than a task.
+async policy on one Redis and namespace share one set of limits, strikes
+and automatic blocks. Three things differ in how they run: anomalies are
+appended to the stream and handed to ``on_anomaly`` inline, right after
+the decision; held leases are renewed by a daemon thread rather than a
+task; and a blocking call cannot be interrupted, so the deadline holds per
+socket operation (see :class:`~pactown_redis.resilience.SyncGuard`).
+Nothing here runs or needs an event loop.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import redis as redis_sync
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from . import _core, _outcomes
+from . import _cluster, _core, _outcomes
 from ._core import HeldLease, ScriptCall
 from ._validate import check_id, check_number
 from .anomalies import append_to_file, parse_entries, summarize
-from .errors import BackendError, CorruptProfileError, LeaseLostError
+from .errors import BackendError, LeaseLostError, RedisUnavailableError
 from .models import (
     AnomalyEvent,
     AnomalyType,
@@ -33,6 +36,18 @@ from .models import (
     UserTier,
 )
 from .overload import LoadMonitor, LoadSample
+from .resilience import (
+    DEFAULT_TIMEOUT,
+    Resilience,
+    SyncGuard,
+    check_timeout,
+    client_options,
+    close_sync_client,
+    describe,
+    make_client,
+    new_request_id,
+    sentinel_client,
+)
 
 __all__ = ["SyncAnomalyLog", "SyncSecurityPolicy", "connect"]
 
@@ -48,11 +63,29 @@ _PAGE = 500
 _JOIN_SECONDS = 5.0
 
 
-def connect(url: str, **options: Any) -> "redis_sync.Redis":
-    """Return a sync client for ``url`` speaking RESP3, the protocol the
-    reply parsing is written for (RESP2 replies are read as well)."""
-    options.setdefault("protocol", 3)
-    return redis_sync.from_url(url, **options)
+def connect(
+    url: Union[str, Sequence[tuple[str, int]]],
+    *,
+    cluster: bool = False,
+    **options: Any,
+) -> Any:
+    """Return a blocking client for ``url``, which names a server or a
+    cluster as :func:`pactown_redis.policy.connect` takes it: a
+    ``redis.Redis``, or a ``redis.cluster.RedisCluster`` for a cluster.
+
+    A blocking cluster client maps the cluster as it is made, so a
+    cluster must be reachable here already.
+
+    Raises:
+        InvalidInputError: a malformed URL or startup node list.
+        RedisUnavailableError: no startup node of a cluster answered.
+    """
+    try:
+        return make_client(url, cluster=cluster, asynchronous=False, **options)
+    except (RedisClusterException, RedisError) as exc:
+        raise RedisUnavailableError(
+            f"cannot map the Redis Cluster: {describe(exc)}"
+        ) from exc
 
 
 def _stream_entries(reply: Any) -> list[Any]:
@@ -202,9 +235,16 @@ class SyncSecurityPolicy:
     limits. Safe to share between threads.
 
     Args:
-        redis: a sync ``redis.Redis`` (or cluster) client, left open by
-            :meth:`close`, or a URL (a client is made, and closed by
-            :meth:`close`).
+        redis: a blocking ``redis.Redis`` or ``redis.cluster.RedisCluster``
+            client, left open by :meth:`close`, or a URL or list of cluster
+            startup nodes as :func:`connect` takes (a client is made with
+            socket timeouts of ``timeout``, and closed by :meth:`close`).
+        timeout: seconds each socket operation of a call to Redis may take
+            (connecting, sending, reading the reply); the one retry starts
+            only while the call's ``timeout`` has time left. A decision
+            that misses it is made by its fail mode. A client passed in
+            keeps its own socket timeouts: give it ``socket_timeout`` and
+            ``socket_connect_timeout`` of about ``timeout``.
         auto_renew: renew held leases every ``lease_ttl / 3`` on a daemon
             thread (on a connection of its own from the client's pool).
             With ``False``, call :meth:`renew_leases` yourself at least
@@ -214,15 +254,19 @@ class SyncSecurityPolicy:
         on_lease_lost: called with ``(user_id, service_id)`` on the thread
             whose renewal found the lease lost.
 
-        The other options are those of :class:`SecurityPolicy`.
+        The other options are those of :class:`SecurityPolicy`: the fail
+        modes, ``replicas``, the breaker and automatic blocking included.
 
     Raises:
-        InvalidInputError: a bad namespace or a number out of range.
+        InvalidInputError: a bad namespace, fail mode or number out of
+            range, or a malformed address.
+        RedisUnavailableError: ``redis`` names a cluster none of whose
+            startup nodes answers (see :func:`connect`).
     """
 
     def __init__(
         self,
-        redis: Union["redis_sync.Redis", Any, str],
+        redis: Union["redis_sync.Redis", Any, str, Sequence[tuple[str, int]]],
         *,
         namespace: str = "pactown",
         default_rate_limit: int = 60,
@@ -238,6 +282,16 @@ class SyncSecurityPolicy:
         on_lease_lost: Optional[LeaseLostHandler] = None,
         load_probe: Optional[Callable[[], LoadSample]] = None,
         clock: Optional[Callable[[], float]] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        rate_limit_fail_mode: str = "local",
+        start_fail_mode: str = "closed",
+        replicas: int = 1,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 2.0,
+        monotonic: Optional[Callable[[], float]] = None,
+        auto_block_threshold: Optional[int] = None,
+        auto_block_window: float = 600.0,
+        auto_block_duration: float = 3600.0,
         auto_renew: bool = True,
     ) -> None:
         self.rules = _outcomes.make_rules(
@@ -250,8 +304,22 @@ class SyncSecurityPolicy:
             rapid_restart_threshold=rapid_restart_threshold,
             clock=clock,
         )
-        if isinstance(redis, str):
-            self._client = connect(redis)
+        self.auto_block = _core.AutoBlock.from_options(
+            auto_block_threshold, auto_block_window, auto_block_duration
+        )
+        self.resilience = Resilience(
+            self.rules,
+            timeout=timeout,
+            rate_limit_fail_mode=rate_limit_fail_mode,
+            start_fail_mode=start_fail_mode,
+            replicas=replicas,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            monotonic=monotonic,
+        )
+        if isinstance(redis, (str, list, tuple)):
+            options = client_options(timeout, asynchronous=False)
+            self._client = connect(redis, **options)
             self._owns_client = True
         else:
             self._client = redis
@@ -266,6 +334,9 @@ class SyncSecurityPolicy:
             log_path=None if anomaly_log_path is None else Path(anomaly_log_path),
             on_anomaly=on_anomaly,
         )
+        self._guard = SyncGuard(
+            self._client, self.resilience, self.anomalies.record
+        )
         self.load = LoadMonitor(cpu_threshold, memory_threshold, probe=load_probe)
         self.on_lease_lost = on_lease_lost
         self.auto_renew = bool(auto_renew)
@@ -279,10 +350,65 @@ class SyncSecurityPolicy:
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> "SyncSecurityPolicy":
-        """Build a policy on a new client for ``url`` (closed by
-        :meth:`close`)."""
-        return cls(url, **options)
+    def from_url(
+        cls,
+        url: Union[str, Sequence[tuple[str, int]]],
+        *,
+        cluster: bool = False,
+        **options: Any,
+    ) -> "SyncSecurityPolicy":
+        """Build a policy on a new blocking client for ``url`` (closed by
+        :meth:`close`), as :meth:`SecurityPolicy.from_url` does.
+
+        Raises:
+            InvalidInputError: a malformed address or a bad option.
+        """
+        timeout = check_timeout(options.get("timeout", DEFAULT_TIMEOUT))
+        client = connect(
+            url, cluster=cluster, **client_options(timeout, asynchronous=False)
+        )
+        return cls._owning(client, options)
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        *,
+        connection: Optional[dict[str, Any]] = None,
+        **options: Any,
+    ) -> "SyncSecurityPolicy":
+        """Build a policy on the primary Sentinel names for
+        ``service_name``, through a blocking client that asks the sentinels
+        again after a failover (closed by :meth:`close`). The arguments
+        are those of :meth:`SecurityPolicy.from_sentinel`.
+
+        Raises:
+            InvalidInputError: bad sentinels, service name or options.
+        """
+        timeout = check_timeout(options.get("timeout", DEFAULT_TIMEOUT))
+        client = sentinel_client(
+            sentinels,
+            service_name,
+            timeout=timeout,
+            asynchronous=False,
+            **(connection or {}),
+        )
+        return cls._owning(client, options)
+
+    @classmethod
+    def _owning(
+        cls, client: Any, options: dict[str, Any]
+    ) -> "SyncSecurityPolicy":
+        """Build a policy on ``client``, which it closes; a policy that
+        cannot be built closes it at once."""
+        try:
+            policy = cls(client, **options)
+        except BaseException:
+            close_sync_client(client)
+            raise
+        policy._owns_client = True
+        return policy
 
     def __repr__(self) -> str:
         return f"SyncSecurityPolicy(namespace={self.namespace!r})"
@@ -306,22 +432,15 @@ class SyncSecurityPolicy:
         if renewer is not None:
             renewer.join(_JOIN_SECONDS)
         if self._owns_client:
-            self._client.close()
+            close_sync_client(self._client)
 
     # -- sending -------------------------------------------------------------
 
     def _run(self, call: ScriptCall, client: Any = None) -> Any:
-        client = self._client if client is None else client
-        try:
-            try:
-                return client.evalsha(*call.evalsha_args())
-            except NoScriptError:
-                # Nothing ran; EVAL runs the script once and caches it again.
-                return client.eval(*call.eval_args())
-        except RedisError as exc:
-            raise BackendError(
-                f"{call.script.name} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        # NOSCRIPT recovery, one safe retry and the breaker, on ``client``
+        # (by default the policy's); raises RedisUnavailableError when
+        # Redis cannot decide in time.
+        return self._guard.run(call, client)
 
     # -- profiles --------------------------------------------------------------
 
@@ -330,7 +449,8 @@ class SyncSecurityPolicy:
 
         Raises:
             InvalidInputError: ``profile`` is not a valid ``UserProfile``.
-            BackendError: Redis failed.
+            RedisUnavailableError: Redis did not answer in time.
+            BackendError: Redis answered with an unexpected error.
         """
         profile = _outcomes.checked_profile(profile)
         self._run(_outcomes.profile_call(self.keys, profile))
@@ -353,8 +473,14 @@ class SyncSecurityPolicy:
         self._set_blocked(user_id, True, reason)
 
     def unblock_user(self, user_id: str) -> None:
-        """Lift a block set by :meth:`block_user`."""
+        """Lift a block set by :meth:`block_user` and an automatic block,
+        and forget the user's strikes."""
         self._set_blocked(user_id, False, "")
+        keys = self.keys.user(user_id)
+        try:
+            self._client.delete(keys.auto_block, keys.strikes)
+        except RedisError as exc:
+            raise BackendError(f"unblock failed: {type(exc).__name__}") from exc
 
     def _set_blocked(self, user_id: str, blocked: bool, reason: str) -> None:
         profile = _outcomes.block_profile(
@@ -371,22 +497,23 @@ class SyncSecurityPolicy:
 
         The bucket holds ``max_requests_per_minute`` tokens and refills at
         that many per minute. A denied request debits nothing and records a
-        ``RATE_LIMIT_EXCEEDED`` anomaly.
+        ``RATE_LIMIT_EXCEEDED`` anomaly. Without Redis in time, the result
+        comes from ``rate_limit_fail_mode`` and says ``degraded=True``.
 
         Raises:
             InvalidInputError: bad ``user_id`` or ``cost`` (must be > 0).
-            BackendError: Redis failed.
+            BackendError: Redis answered with an unexpected error.
         """
-        call = _core.rate_limit_call(self.rules, user_id, cost)
+        # The id lets a retry of this debit be answered 'dup', not debited.
+        call = _core.rate_limit_call(self.rules, user_id, cost, new_request_id())
         try:
-            result = _core.parse_rate_limit(user_id, self._run(call))
-        except CorruptProfileError as exc:
-            self.anomalies.record(_outcomes.corrupt_event(exc))
-            return _outcomes.CORRUPT_RATE_RESULT
-        if not result.allowed:
-            self.anomalies.record(
-                _outcomes.rate_denied_event(user_id, cost, result)
-            )
+            reply = self._run(call)
+        except RedisUnavailableError:
+            return self.resilience.rate_limit(user_id, cost)
+        result, events = _outcomes.rate_decision(user_id, cost, reply)
+        self.resilience.remember_limit(user_id, result.limit)
+        for event in events:
+            self.anomalies.record(event)
         return result
 
     # -- services ----------------------------------------------------------------
@@ -402,44 +529,44 @@ class SyncSecurityPolicy:
         """Check every limit and, when all pass, reserve the service's slot.
 
         The checks and their order are those of
-        :meth:`SecurityPolicy.check_can_start_service`. A granted slot is a
-        lease this policy renews until :meth:`unregister_service`.
+        :meth:`SecurityPolicy.check_can_start_service`, automatic blocking
+        included. A granted slot is a lease this policy renews until
+        :meth:`unregister_service`. Without Redis in time, the result
+        comes from ``start_fail_mode``, says ``degraded=True`` and reserves
+        nothing.
 
         Raises:
             InvalidInputError: a bad id, port (1-65535), memory or CPU.
-            BackendError: Redis failed.
+            BackendError: Redis answered with an unexpected error.
         """
         excess = self.load.excess()
-        call = _core.start_call(
-            self.rules,
-            user_id,
-            service_id,
-            port=port,
-            memory_mb=memory_mb,
-            cpu_percent=cpu_percent,
-            overloaded=excess > 0,
+        check = _outcomes.start_check(
+            self.rules, self.auto_block, user_id, service_id, port, memory_mb,
+            cpu_percent, excess=excess, delay=self.load.delay_for(excess),
         )
-        outcome = _core.parse_start(self._run(call))
-        if outcome.status == "corrupt":
-            decision = _outcomes.corrupt_start(user_id, outcome.detail)
-        elif not outcome.allowed:
-            decision = _outcomes.denied_start(outcome, user_id, service_id)
-        else:
-            decision = _outcomes.granted_start(
-                outcome,
-                user_id,
-                service_id,
-                memory_mb=memory_mb,
-                cpu_percent=cpu_percent,
-                excess=excess,
-                delay=self.load.delay_for(excess),
-                rules=self.rules,
-            )
+        try:
+            outcome = _core.parse_start(self._run(check.call))
+        except RedisUnavailableError:
+            return self.resilience.start(user_id)
+        decision = check.decide(outcome)
         if decision.lease is not None:
             self._hold(user_id, service_id, decision.lease)
         for event in decision.events:
             self.anomalies.record(event)
+        self._strike(decision.strikes)
         return decision.result
+
+    def _strike(self, strikes: tuple[_outcomes.Strike, ...]) -> None:
+        """Count ``strikes``; record the block one of them sets."""
+        for strike in strikes:
+            try:
+                blocked = strike.blocked_event(self._run(strike.call))
+            except BackendError as exc:
+                # The decision stands; only this strike goes uncounted.
+                logger.warning("cannot count a strike: %s", exc)
+                continue
+            if blocked is not None:
+                self.anomalies.record(blocked)
 
     def _hold(self, user_id: str, service_id: str, lease: HeldLease) -> None:
         with self._held_lock:
@@ -472,7 +599,8 @@ class SyncSecurityPolicy:
         Raises:
             LeaseLostError: the service holds no slot (it was never
                 reserved, expired, or was released).
-            BackendError: Redis failed.
+            RedisUnavailableError: Redis did not answer in time.
+            BackendError: Redis answered with an unexpected error.
         """
         check_id(service_id, "service_id")
         held = self._held_lease(user_id, service_id)
@@ -500,8 +628,9 @@ class SyncSecurityPolicy:
         reported (``LEASE_LOST`` anomaly and ``on_lease_lost``).
 
         Raises:
-            BackendError: Redis failed; leases renewed before the failure
-                stay renewed.
+            RedisUnavailableError: Redis did not answer in time; leases
+                renewed before the failure stay renewed.
+            BackendError: Redis answered with an unexpected error.
         """
         return self._renew_all(self._client)
 
@@ -602,4 +731,4 @@ class SyncSecurityPolicy:
 
     def _now_ms(self) -> int:
         # Stream ids carry the server's time, even under a test clock.
-        return _outcomes.time_reply_ms(self._client.time())
+        return _cluster.time_ms(self._client.time())

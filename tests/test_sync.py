@@ -1,11 +1,16 @@
 """The blocking policy: the async policy's behaviour on the sync client.
 
 Runs on the same backend matrix as the async tests (fakeredis and a real
-redis-server), with the same controlled clock.
+redis-server), with the same controlled clock. Outages are real on both:
+fakeredis refuses every command of a disconnected server, and the real
+server holds the policy's scripts with ``CLIENT PAUSE WRITE`` until the
+client's socket timeout gives up on them. The breaker and the local
+buckets read a second ``Clock``, so cool-downs pass without sleeping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -26,13 +31,20 @@ from pactown_redis import (
     InvalidInputError,
     LeaseLostError,
     LoadSample,
+    RedisUnavailableError,
     SecurityPolicy,
     Severity,
     SyncSecurityPolicy,
     UserProfile,
     UserTier,
 )
+from pactown_redis.resilience import BreakerState, client_options
+from conftest import Clock
 from servers import free_port
+
+#: Socket timeout of the clients that live through an outage.
+OUTAGE_TIMEOUT = 0.2
+COOLDOWN = 5.0
 
 
 class Backend:
@@ -43,15 +55,34 @@ class Backend:
         self.url = url
         self.server = fakeredis.FakeServer() if name == "fake" else None
 
-    def sync_client(self) -> Any:
+    def sync_client(self, **options: Any) -> Any:
         if self.server is not None:
-            return fakeredis.FakeRedis(server=self.server, protocol=3)
-        return redis.Redis.from_url(self.url, protocol=3)
+            return fakeredis.FakeRedis(server=self.server, protocol=3, **options)
+        return redis.Redis.from_url(self.url, protocol=3, **options)
 
     def async_client(self) -> Any:
         if self.server is not None:
             return fakeredis.FakeAsyncRedis(server=self.server, protocol=3)
         return redis.asyncio.Redis.from_url(self.url, protocol=3)
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """Make every script call fail until the block ends: refused by a
+        disconnected fakeredis, or held by a paused real server until the
+        caller's socket times out (a held call is dropped, never run)."""
+        if self.server is not None:
+            self.server.connected = False
+            try:
+                yield
+            finally:
+                self.server.connected = True
+            return
+        with redis.Redis.from_url(self.url) as admin:
+            admin.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+            try:
+                yield
+            finally:
+                admin.execute_command("CLIENT", "UNPAUSE")
 
 
 @pytest.fixture
@@ -90,6 +121,7 @@ def make_sync(
         options.setdefault("cpu_threshold", None)
         options.setdefault("memory_threshold", None)
         options.setdefault("auto_renew", False)
+        options.setdefault("timeout", 10.0)
         policy = SyncSecurityPolicy(sync_client, **options)
         made.append(policy)
         return policy
@@ -97,6 +129,42 @@ def make_sync(
     yield build
     for policy in made:
         policy.close()
+
+
+@pytest.fixture
+def ticker() -> Clock:
+    """The monotonic clock of the breaker and the local buckets."""
+    return Clock(start=1000.0)
+
+
+@pytest.fixture
+def make_fragile(
+    redis_backend: Backend, clock: Clock, ticker: Clock
+) -> Iterator[Callable[..., SyncSecurityPolicy]]:
+    """Build sync policies meant to live through ``redis_backend.outage()``:
+    each on a client of its own with socket timeouts of
+    ``OUTAGE_TIMEOUT``, its breaker on ``ticker``."""
+    made: list[tuple[SyncSecurityPolicy, Any]] = []
+
+    def build(**options: Any) -> SyncSecurityPolicy:
+        options.setdefault("clock", clock)
+        options.setdefault("monotonic", ticker)
+        options.setdefault("cpu_threshold", None)
+        options.setdefault("memory_threshold", None)
+        options.setdefault("auto_renew", False)
+        options.setdefault("timeout", OUTAGE_TIMEOUT)
+        options.setdefault("breaker_cooldown", COOLDOWN)
+        client = redis_backend.sync_client(
+            **client_options(OUTAGE_TIMEOUT, asynchronous=False)
+        )
+        policy = SyncSecurityPolicy(client, **options)
+        made.append((policy, client))
+        return policy
+
+    yield build
+    for policy, client in made:
+        policy.close()
+        client.close()
 
 
 @pytest.fixture
@@ -525,23 +593,126 @@ def test_bad_input_raises_before_anything_is_written(
         {"start_burst": 0},
         {"default_rate_limit": float("inf")},
         {"stream_maxlen": 1.5},
+        {"timeout": 0},
+        {"timeout": 61},
+        {"rate_limit_fail_mode": "maybe"},
+        {"start_fail_mode": None},
+        {"replicas": 0},
+        {"breaker_threshold": 0},
+        {"breaker_cooldown": -1},
+        {"auto_block_threshold": 0},
+        {"auto_block_window": 0},
+        {"auto_block_duration": float("nan")},
     ],
 )
-def test_bad_options_are_refused(options):
-    """A policy with a bad option is never built, and no client is made."""
+@pytest.mark.parametrize("build", ["url", "from_url", "nodes"])
+def test_bad_options_are_refused(options, build):
+    """A policy with a bad option is never built, and no client is made
+    (a cluster client would try to connect at once)."""
     with pytest.raises(InvalidInputError):
-        SyncSecurityPolicy("redis://127.0.0.1:1/0", **options)
+        if build == "url":
+            SyncSecurityPolicy("redis://127.0.0.1:1/0", **options)
+        elif build == "from_url":
+            SyncSecurityPolicy.from_url("redis://127.0.0.1:1/0", **options)
+        else:
+            SyncSecurityPolicy([("127.0.0.1", 1)], **options)
 
 
-def test_unreachable_redis_is_a_backend_error():
-    """A failed connection surfaces as BackendError, with its cause."""
+@pytest.mark.parametrize(
+    ("target", "options"),
+    [
+        ("redis+cluster://127.0.0.1:7000/1", {}),
+        ("redis+cluster:///", {}),
+        ("unix:///tmp/redis.sock", {"cluster": True}),
+        ([], {}),
+        ([("127.0.0.1", 0)], {}),
+        ([("", 7000)], {}),
+        ("redis://127.0.0.1:7000/0?socket_timeout=soon", {}),
+        ("redis://user:pa/ss@127.0.0.1:6379/0", {}),
+    ],
+)
+def test_bad_addresses_are_refused(target, options):
+    """A malformed URL or startup node list raises InvalidInputError
+    before anything connects."""
+    with pytest.raises(InvalidInputError) as caught:
+        SyncSecurityPolicy.from_url(target, **options)
+    assert "pa/ss" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("sentinels", "service_name", "options"),
+    [
+        ([("localhost", "26379")], "mymaster", {}),
+        ([], "mymaster", {}),
+        ("127.0.0.1:26379", "mymaster", {}),
+        ([("127.0.0.1", 26379)], "", {}),
+        ([("127.0.0.1", 26379)], "mymaster", {"timeout": 0}),
+        ([("127.0.0.1", 26379)], "mymaster", {"start_fail_mode": "maybe"}),
+    ],
+)
+def test_sentinel_options_are_checked(sentinels, service_name, options):
+    """A malformed sentinel list, service name or option is refused before
+    anything connects."""
+    with pytest.raises(InvalidInputError):
+        SyncSecurityPolicy.from_sentinel(sentinels, service_name, **options)
+
+
+def test_unreachable_cluster_is_unavailable():
+    """A cluster whose startup nodes all refuse raises RedisUnavailableError
+    when the policy is built, since a blocking cluster client maps the
+    cluster as it is made."""
+    with pytest.raises(RedisUnavailableError) as caught:
+        SyncSecurityPolicy([("127.0.0.1", free_port())], timeout=0.5)
+    assert isinstance(caught.value.__cause__, redis.RedisClusterException)
+
+
+@pytest.mark.parametrize("build", ["url", "from_url"])
+def test_clients_made_from_a_url_have_the_deadline(build):
+    """A client the policy makes times out each socket operation after
+    ``timeout`` and leaves retrying to the policy."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    if build == "url":
+        policy = SyncSecurityPolicy(url, timeout=0.4)
+    else:
+        policy = SyncSecurityPolicy.from_url(url, timeout=0.4)
+    with policy:
+        options = policy._client.get_connection_kwargs()
+        assert options["socket_timeout"] == 0.4
+        assert options["socket_connect_timeout"] == 0.4
+        assert options["retry"].get_retries() == 0
+        assert options["protocol"] == 3
+
+
+def test_unreachable_redis_degrades_decisions_and_fails_other_calls():
+    """With nothing listening, decisions are made by the fail modes and
+    other calls raise RedisUnavailableError, caused by the refusal."""
     client = redis.Redis(
         port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
     )
     with SyncSecurityPolicy(client, cpu_threshold=None) as policy:
+        rate = policy.check_rate_limit("u")
+        start = policy.check_can_start_service("u", "s", port=8080)
+        with pytest.raises(RedisUnavailableError) as caught:
+            policy.get_user_state("u")
+    assert (rate.allowed, rate.degraded, rate.limit) == (True, True, 20)
+    assert (start.allowed, start.degraded, start.fence) == (False, True, None)
+    assert "nothing reserved" in start.reason
+    assert isinstance(caught.value.__cause__, redis.ConnectionError)
+    client.close()
+
+
+def test_a_misconfigured_client_is_a_backend_error_not_an_outage(redis_server):
+    """A refused login is raised by decisions too, and leaves the breaker
+    closed: it is a bug to fix, not an outage to ride out."""
+    client = redis.Redis(
+        port=redis_server.port, username="nobody", password="wrong",
+        retry=Retry(NoBackoff(), 0),
+    )
+    with SyncSecurityPolicy(client, cpu_threshold=None) as policy:
         with pytest.raises(BackendError) as caught:
             policy.check_rate_limit("u")
-    assert isinstance(caught.value.__cause__, redis.ConnectionError)
+        assert not isinstance(caught.value, RedisUnavailableError)
+        assert policy.resilience.breaker.failures == 0
     client.close()
 
 
@@ -555,3 +726,289 @@ def test_from_url_builds_and_closes_its_client(redis_server):
     policy.close()
     with redis.Redis.from_url(redis_server.url) as client:
         assert client.exists(policy.keys.user("u").requests)
+
+
+# -- without Redis -------------------------------------------------------------
+
+
+def test_an_outage_is_decided_locally_and_reported_once(
+    make_fragile, redis_backend, ticker
+):
+    """During an outage requests come from this replica's share and starts
+    are refused, all marked degraded and none recorded one by one; the
+    first reply after it records one REDIS_UNAVAILABLE, and the shared
+    bucket never saw the degraded requests."""
+    seen: list[Any] = []
+    policy = make_fragile(replicas=2, on_anomaly=seen.append)
+    assert policy.check_rate_limit("u").remaining == 19
+
+    with redis_backend.outage():
+        rates = [policy.check_rate_limit("u") for _ in range(12)]
+        start = policy.check_can_start_service("u", "s")
+    assert [r.allowed for r in rates] == [True] * 10 + [False] * 2
+    assert {(r.degraded, r.limit) for r in rates} == {(True, 10)}
+    assert (start.allowed, start.degraded, start.fence) == (False, True, None)
+    assert policy.resilience.breaker.state is BreakerState.OPEN
+    assert seen == [] and policy.held_leases() == {}
+
+    ticker.advance(COOLDOWN)
+    shared = policy.check_rate_limit("u")
+    assert (shared.degraded, shared.remaining) == (False, 18)
+    assert policy.check_rate_limit("u").remaining == 17
+    (event,) = policy.anomalies.by_type(AnomalyType.REDIS_UNAVAILABLE)
+    assert seen == [event]
+    assert event.metadata["degraded_decisions"] == 13
+    assert (event.metadata["allowed"], event.metadata["denied"]) == (10, 3)
+    assert event.metadata["rate_limit_fail_mode"] == "local"
+    assert policy.get_user_state("u").running == 0
+
+
+#: Whether the first decision made without Redis allows, by fail mode.
+FIRST_ALLOWED = {"local": True, "open": True, "closed": False}
+
+
+@pytest.mark.parametrize("start_mode", sorted(FIRST_ALLOWED))
+@pytest.mark.parametrize("rate_mode", sorted(FIRST_ALLOWED))
+def test_fail_modes_are_chosen_per_check(
+    make_fragile, redis_backend, rate_mode, start_mode
+):
+    """Each check follows its own fail mode, and a start reserves nothing
+    whatever its mode says."""
+    policy = make_fragile(
+        rate_limit_fail_mode=rate_mode,
+        start_fail_mode=start_mode,
+        breaker_threshold=1,
+    )
+    with redis_backend.outage():
+        rate = policy.check_rate_limit("u")
+        start = policy.check_can_start_service("u", "s")
+    assert (rate.allowed, rate.degraded) == (FIRST_ALLOWED[rate_mode], True)
+    assert (start.allowed, start.degraded, start.fence) == (
+        FIRST_ALLOWED[start_mode], True, None
+    )
+    assert policy.held_leases() == {}
+
+
+def test_breaker_opens_holds_and_a_probe_closes_it(
+    make_fragile, redis_backend, ticker
+):
+    """After the threshold no call reaches Redis until the cool-down ends;
+    a failed probe opens the breaker again, a successful one closes it."""
+    policy = make_fragile(breaker_threshold=2)
+    breaker = policy.resilience.breaker
+    with redis_backend.outage():
+        for _ in range(2):
+            assert policy.check_rate_limit("u").degraded
+        assert (breaker.state, breaker.failures) == (BreakerState.OPEN, 2)
+
+        for _ in range(5):
+            assert policy.check_rate_limit("u").degraded
+        assert policy.check_can_start_service("u", "s").degraded
+        with pytest.raises(RedisUnavailableError, match="next attempt in 5.0s"):
+            policy.register_service("u", "s")
+        assert breaker.failures == 2
+
+        ticker.advance(COOLDOWN)
+        assert policy.check_rate_limit("u").degraded
+        assert (breaker.state, breaker.failures) == (BreakerState.OPEN, 3)
+
+    ticker.advance(COOLDOWN - 0.1)
+    assert policy.check_rate_limit("u").degraded
+    ticker.advance(0.1)
+    assert not policy.check_rate_limit("u").degraded
+    assert (breaker.state, breaker.failures) == (BreakerState.CLOSED, 0)
+
+
+def test_local_share_refills_on_the_monotonic_clock(
+    make_fragile, redis_backend, ticker
+):
+    """Four replicas: a FREE user gets 5 requests here, then one per 12 s."""
+    policy = make_fragile(replicas=4, breaker_threshold=1)
+    with redis_backend.outage():
+        results = [policy.check_rate_limit("u") for _ in range(6)]
+        assert [r.allowed for r in results] == [True] * 5 + [False]
+        assert results[-1].retry_after == pytest.approx(12.0)
+        ticker.advance(12.0)
+        assert policy.check_rate_limit("u").allowed
+
+
+def test_local_share_follows_the_limit_redis_last_reported(
+    make_fragile, redis_backend
+):
+    """A PRO user (120 per minute) keeps a PRO share during an outage."""
+    policy = make_fragile(replicas=4, breaker_threshold=1)
+    policy.set_user_profile(UserProfile.from_tier("u", UserTier.PRO))
+    assert policy.check_rate_limit("u").limit == 120
+    with redis_backend.outage():
+        assert policy.check_rate_limit("u").limit == 30
+        assert policy.check_rate_limit("v").limit == 5
+
+
+# -- automatic blocking --------------------------------------------------------
+
+
+def with_ports(user_id: str, ports: list[int]) -> UserProfile:
+    profile = UserProfile.from_tier(user_id, UserTier.FREE)
+    profile.allowed_ports = ports
+    return profile
+
+
+def offend(policy: SyncSecurityPolicy, user_id: str = "u", times: int = 1) -> None:
+    """Ask for a port outside the user's list: a high-severity anomaly."""
+    for _ in range(times):
+        result = policy.check_can_start_service(user_id, "s", port=22)
+        assert result.reason == "Port 22 not allowed for your account"
+
+
+def auto_blocked(policy: SyncSecurityPolicy, user_id: str = "u") -> bool:
+    result = policy.check_can_start_service(user_id, "ok", port=8000)
+    if result.allowed:
+        policy.unregister_service(user_id, "ok")
+        return False
+    assert result.reason.startswith("User temporarily blocked"), result.reason
+    return True
+
+
+@pytest.fixture
+def make_blocking(make_sync):
+    """Build sync policies that block after 3 offences within 60 s, for
+    300 s, with ``u`` and ``v`` allowed port 8000 only."""
+
+    def build(**options: Any) -> SyncSecurityPolicy:
+        options.setdefault("auto_block_threshold", 3)
+        options.setdefault("auto_block_window", 60)
+        options.setdefault("auto_block_duration", 300)
+        policy = make_sync(**options)
+        for user in ("u", "v"):
+            policy.set_user_profile(with_ports(user, [8000]))
+        return policy
+
+    return build
+
+
+def test_threshold_of_offences_blocks_until_the_duration_passes(
+    make_blocking, sync_client, clock
+):
+    """The third high-severity anomaly within the window blocks the user's
+    starts, records USER_AUTO_BLOCKED, and the block ends by the clock."""
+    policy = make_blocking()
+    offend(policy, times=2)
+    assert not auto_blocked(policy)
+    offend(policy)
+    assert auto_blocked(policy)
+
+    (event,) = policy.anomalies.by_type(AnomalyType.USER_AUTO_BLOCKED)
+    assert (event.user_id, event.metadata["strikes"]) == ("u", 3)
+    assert event.severity is Severity.HIGH
+    keys = policy.keys.user("u")
+    assert 0 < sync_client.pttl(keys.auto_block) <= 300_000
+    assert not sync_client.exists(keys.strikes)
+
+    clock.advance(299)
+    result = policy.check_can_start_service("u", "ok", port=8000)
+    assert result.reason == (
+        "User temporarily blocked after repeated violations. Retry in 1s"
+    )
+    clock.advance(1)
+    assert not auto_blocked(policy)
+
+
+@pytest.mark.parametrize(
+    ("steps", "blocked"),
+    [
+        ([2, 61, 1], False),
+        ([2, 59, 1], True),
+        ([1, 30, 1, 29.9, 1], True),
+        ([1, 30, 1, 31, 1], False),
+        ([2, 61, 2], False),
+        ([2, 61, 3], True),
+    ],
+)
+def test_offences_add_up_within_the_window_only(
+    make_blocking, clock, steps, blocked
+):
+    """Offences (even positions: how many) separated by seconds (odd
+    positions) block only when three fall within 60 s."""
+    policy = make_blocking()
+    for i, step in enumerate(steps):
+        if i % 2:
+            clock.advance(step)
+        else:
+            offend(policy, times=step)
+    assert auto_blocked(policy) is blocked
+
+
+def test_unblock_lifts_an_auto_block_and_forgets_strikes(
+    make_blocking, sync_client
+):
+    """unblock_user ends an automatic block and clears the strikes."""
+    policy = make_blocking()
+    offend(policy, times=3)
+    assert auto_blocked(policy)
+    policy.unblock_user("u")
+    assert not auto_blocked(policy)
+    offend(policy, times=2)
+    policy.unblock_user("u")
+    offend(policy, times=2)
+    assert not auto_blocked(policy)
+    assert sync_client.zcard(policy.keys.user("u").strikes) == 2
+
+
+def test_off_by_default(make_sync, sync_client):
+    """Without a threshold, offences block nobody and leave no strikes."""
+    policy = make_sync()
+    policy.set_user_profile(with_ports("u", [8000]))
+    offend(policy, times=10)
+    assert not auto_blocked(policy)
+    keys = policy.keys.user("u")
+    assert not sync_client.exists(keys.strikes, keys.auto_block)
+
+
+def test_attempts_while_blocked_and_system_faults_are_not_strikes(
+    make_blocking, sync_client
+):
+    """Starts tried while blocked, and PROFILE_CORRUPT (high severity, but
+    the system's fault) never count toward an automatic block."""
+    policy = make_blocking(auto_block_threshold=1)
+    policy.block_user("u", "manual")
+    for _ in range(3):
+        assert not policy.check_can_start_service("u", "s").allowed
+    sync_client.hset(policy.keys.user("c").profile, "tier", "bogus")
+    for _ in range(3):
+        result = policy.check_can_start_service("c", "s")
+        assert result.anomaly.anomaly_type is AnomalyType.PROFILE_CORRUPT
+    for user in ("u", "c"):
+        keys = policy.keys.user(user)
+        assert not sync_client.exists(keys.strikes, keys.auto_block)
+
+
+async def test_sync_and_async_replicas_share_strikes_and_blocks(
+    redis_backend, make_blocking, clock
+):
+    """Strikes counted by a sync and an async replica add up; the block
+    holds on both; other users are not touched."""
+    sync = make_blocking()
+    client = redis_backend.async_client()
+    other = SecurityPolicy(
+        client,
+        clock=clock,
+        cpu_threshold=None,
+        memory_threshold=None,
+        auto_block_threshold=3,
+        auto_block_window=60,
+        auto_block_duration=300,
+    )
+    try:
+        offend(sync, times=2)
+        offend(sync, "v", times=2)
+        denied = await other.check_can_start_service("u", "s", port=22)
+        assert not denied.allowed
+        assert auto_blocked(sync)
+        blocked = await other.check_can_start_service("u", "ok", port=8000)
+        assert blocked.reason.startswith("User temporarily blocked")
+        assert not auto_blocked(sync, "v")
+        await other.unblock_user("u")
+        assert not auto_blocked(sync)
+    finally:
+        await other.close()
+        await client.aclose()
