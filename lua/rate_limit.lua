@@ -25,7 +25,9 @@
 -- For 'corrupt', slot 2 names the profile field that failed to parse.
 --
 -- Writes: the bucket (TTL = time to refill; deleted when full) and, with a
--- request id, the id set (TTL = the window). Nothing is written on denial.
+-- request id, the id set (TTL = the window; expired ids are pruned then).
+-- Nothing is written on denial, so a server out of memory refuses the
+-- first write and nothing is half-done.
 
 local profile_key, bucket_key, ids_key = KEYS[1], KEYS[2], KEYS[3]
 local clock = ARGV[1]
@@ -53,10 +55,10 @@ local function reply(status, retry_us)
   return {status, capacity, math.floor(tokens), retry, fstr(reset_us / 1e6)}
 end
 
+local ids_cutoff = now - window_ms * 1000
 if request_id ~= '' then
-  redis.call('ZREMRANGEBYSCORE', ids_key, '-inf',
-             fstr(now - window_ms * 1000))
-  if redis.call('ZSCORE', ids_key, request_id) then
+  local seen = tonumber(redis.call('ZSCORE', ids_key, request_id))
+  if seen and seen > ids_cutoff then
     return reply('dup', 0)
   end
 end
@@ -71,6 +73,7 @@ end
 tokens = tokens - cost
 write_bucket(bucket_key, tokens, ts, capacity, per_us)
 if request_id ~= '' then
+  redis.call('ZREMRANGEBYSCORE', ids_key, '-inf', fstr(ids_cutoff))
   redis.call('ZADD', ids_key, fstr(now), request_id)
   redis.call('PEXPIRE', ids_key, window_ms)
 end

@@ -92,16 +92,19 @@ if blocked_until and blocked_until > now then
   return deny('autoblocked', fstr((blocked_until - now) / 1e6))
 end
 
--- Expired leases are dropped before anything is counted, so a dead
--- replica's services stop counting as soon as their leases run out.
-purge_leases(svc_key, meta_key, now_ms)
+-- Only live leases count, so a dead replica's services stop counting as
+-- soon as their leases run out. Expired ones are removed when this script
+-- writes anyway: every check comes before the first write.
+local live_min = '(' .. fstr(now_ms)
+local history_min = '(' .. fstr(now - history_ms * 1000)
 
 local function rapid_count()
   return redis.call('ZCOUNT', starts_key, fstr(now - rapid_ms * 1000),
                     '+inf')
 end
 
-if redis.call('ZSCORE', svc_key, service_id) then
+local held_until = tonumber(redis.call('ZSCORE', svc_key, service_id))
+if held_until and held_until > now_ms then
   local _, _, fence = parse_meta(redis.call('HGET', meta_key, service_id))
   redis.call('ZADD', svc_key, fstr(expiry_ms), service_id)
   refresh_lease_ttl(svc_key, meta_key, fence_key, now_ms, grace_ms)
@@ -115,17 +118,16 @@ if tokens < 1 then
   return deny('rate', fstr((1 - tokens) / per_us / 1e6))
 end
 
-local running = redis.call('ZCARD', svc_key)
+local running = redis.call('ZCOUNT', svc_key, live_min, '+inf')
 if running >= profile.conc then
   return deny('concurrent', nil, running, profile.conc)
 end
 
-redis.call('ZREMRANGEBYSCORE', starts_key, '-inf',
-           fstr(now - history_ms * 1000))
-local started = redis.call('ZCARD', starts_key)
+local started = redis.call('ZCOUNT', starts_key, history_min, '+inf')
 if started >= profile.sph then
   local retry = '0'
-  local oldest = redis.call('ZRANGE', starts_key, 0, 0, 'WITHSCORES')
+  local oldest = redis.call('ZRANGEBYSCORE', starts_key, history_min, '+inf',
+                            'WITHSCORES', 'LIMIT', 0, 1)
   if #oldest > 0 then
     local wait_us = tonumber(oldest[2]) + history_ms * 1000 - now
     retry = fstr(math.max(0, wait_us) / 1e6)
@@ -140,8 +142,11 @@ end
 
 if memory > 0 or cpu > 0 then
   local used_mem, used_cpu = 0, 0
-  for _, raw in ipairs(redis.call('HVALS', meta_key)) do
-    local m, c = parse_meta(raw)
+  local live = redis.call('ZRANGEBYSCORE', svc_key, live_min, '+inf')
+  local metas = #live > 0 and redis.call('HMGET', meta_key, unpack(live))
+                or {}
+  for i = 1, #live do
+    local m, c = parse_meta(metas[i])
     used_mem = used_mem + m
     used_cpu = used_cpu + c
   end
@@ -158,7 +163,13 @@ if overloaded and profile.tier == defaults.tier then
 end
 
 -- Every check passed: reserve.
+-- The first write grows memory (HSET), so a server out of memory
+-- refuses it while nothing has changed; after a first write Redis lets a
+-- script finish, so trims must not come first.
 local fence = next_fence(fence_key, now)
+purge_leases(svc_key, meta_key, now_ms)
+redis.call('ZREMRANGEBYSCORE', starts_key, '-inf',
+           fstr(now - history_ms * 1000))
 write_bucket(bucket_key, tokens - 1, ts, burst, per_us)
 redis.call('ZADD', svc_key, fstr(expiry_ms), service_id)
 redis.call('HSET', meta_key, service_id,

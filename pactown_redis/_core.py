@@ -377,7 +377,7 @@ def describe_denial(outcome: StartOutcome, user_id: str) -> Denial:
         )
     if status == "rate":
         return Denial(
-            f"Rate limit exceeded. Wait {outcome.retry_after:.1f}s",
+            f"Rate limit exceeded. Wait {tenths_up(outcome.retry_after):.1f}s",
             AnomalyType.RATE_LIMIT_EXCEEDED,
             Severity.MEDIUM,
             "Rate limit exceeded for service starts",
@@ -736,6 +736,12 @@ def parse_inspect(user_id: str, reply: Sequence[Any]) -> UserState:
         started_last_hour=int(reply[3]),
         leases=leases,
     )
+
+
+def tenths_up(seconds: float) -> float:
+    """Round a wait up to tenths of a second: a user told to wait less
+    than needed only earns another refusal."""
+    return max(0.0, math.ceil(seconds * 10 - 1e-9) / 10)
 
 
 def ceil_seconds(seconds: float) -> int:

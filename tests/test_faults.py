@@ -264,9 +264,9 @@ async def test_script_flush_is_recovered_without_counting_twice(clock):
 
 @bounded
 async def test_out_of_memory_writes_all_or_nothing(clock):
-    """Under maxmemory with noeviction a script Redis refuses changes no key
-    and its decision follows the fail mode; one Redis lets finish is
-    applied whole. Refusals open the breaker; lifting the limit closes it."""
+    """Under maxmemory with noeviction every script is refused at its first
+    write, before which it has changed nothing, and its decision follows
+    the fail mode. Refusals open the breaker; lifting the limit closes it."""
     ticker = Clock(start=500.0)
     with RedisServer() as server:
         async with build(
@@ -280,19 +280,13 @@ async def test_out_of_memory_writes_all_or_nothing(clock):
             admin.config_set("maxmemory-policy", "noeviction")
             admin.config_set("maxmemory", 1)
             try:
-                # The request-id trim is a write Redis allows when full, and
-                # a script that has written may finish: the debit is whole.
+                # Every script checks before its first write, so a full
+                # Redis refuses each one whole and the fail mode decides.
                 before = snapshot(server)
                 rate = await policy.check_rate_limit("u")
-                after = snapshot(server)
-                assert not rate.degraded and rate.remaining == 18
-                changed = {k for k in after if after[k] != before.get(k)}
-                assert changed == {keys.requests.encode(),
-                                   keys.request_ids.encode()}
-
-                # Renewing a running service, and patching a stored profile,
-                # write first: refused whole.
-                before = snapshot(server)
+                assert rate.degraded
+                fresh = await policy.check_can_start_service("u", "s2")
+                assert (fresh.allowed, fresh.degraded) == (False, True)
                 again = await policy.check_can_start_service("u", "s1")
                 assert (again.allowed, again.degraded) == (False, True)
                 with pytest.raises(RedisUnavailableError):
@@ -308,9 +302,9 @@ async def test_out_of_memory_writes_all_or_nothing(clock):
 
             ticker.advance(COOLDOWN)
             shared = await policy.check_rate_limit("u")
-            assert (shared.degraded, shared.remaining) == (False, 17)
+            assert (shared.degraded, shared.remaining) == (False, 18)
             (event,) = await unavailable_events(policy)
-            assert event.metadata["degraded_decisions"] == 2
+            assert event.metadata["degraded_decisions"] == 4
             assert "OutOfMemoryError" in event.metadata["last_error"]
 
 
