@@ -8,6 +8,7 @@ server's clock, so any number of replicas enforce one set of limits.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._core import LeaseInfo, UserState
+from .consumer import AnomalyConsumer
 from .errors import (
     BackendError,
     CorruptProfileError,
@@ -40,6 +41,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
 
 __all__ = [
     "TIER_LIMITS",
+    "AnomalyConsumer",
     "AnomalyEvent",
     "AnomalyType",
     "BackendError",

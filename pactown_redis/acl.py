@@ -43,6 +43,7 @@ API_COMMANDS = (
     "xreadgroup",
     "xack",
     "xautoclaim",
+    "xpending",
     "xgroup",
     # The server's clock for anomaly summaries.
     "time",

@@ -15,6 +15,8 @@ Layout, for namespace ``ns`` and an encoded user id ``U``::
     ns:{U}:autoblock  string   end of an automatic block, in microseconds
                                (TTL: the block's length)
     ns:anomalies      stream   anomaly events (capped with MAXLEN ~)
+    ns:anomalies:dead stream   anomalies no alert consumer could handle
+                               (capped with MAXLEN ~)
 
 The user's part sits inside ``{...}``, Redis Cluster's hash tag, so every
 key of one user lives in one slot and a single script may touch them all,
@@ -87,12 +89,13 @@ class KeySpace:
         InvalidIdError: a bad namespace or user id.
     """
 
-    __slots__ = ("namespace", "anomalies", "_prefix")
+    __slots__ = ("namespace", "anomalies", "dead_anomalies", "_prefix")
 
     def __init__(self, namespace: str) -> None:
         self.namespace = check_namespace(namespace)
         self._prefix = namespace + ":"
         self.anomalies = self._prefix + "anomalies"
+        self.dead_anomalies = self.anomalies + ":dead"
 
     def user(self, user_id: str) -> UserKeys:
         """Return the keys of ``user_id`` after validating it."""
