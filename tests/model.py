@@ -14,6 +14,8 @@ blocking and the overload check are outside the model; tests that use it
 leave both off.
 
 Time is the test clock's, in microseconds, as the scripts receive it.
+Since the model states the rules down to when expired state is trimmed, a
+change to a script's rules needs the same change here.
 """
 
 from __future__ import annotations
