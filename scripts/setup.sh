@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare a checkout for the demo and the tests; safe to run any number of
-# times.  Installs the Redis server, sentinel, CLI and openssl with apt-get
-# when one of them is missing, insists on Redis 7 or newer, and keeps the
-# virtual environment in .venv in step with pyproject.toml.
+# times.  Installs the Redis server, sentinel, CLI and openssl, and the
+# Compose CLI that checks docker-compose.yml, with apt-get when one of them
+# is missing, insists on Redis 7 or newer, and keeps the virtual
+# environment in .venv in step with pyproject.toml.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,6 +47,16 @@ install_system_tools() {
     fi
 }
 
+# tests/test_topology.py checks docker-compose.yml with the Compose CLI;
+# `config` reads the file only, so no Docker engine is needed.
+install_compose_cli() {
+    if docker compose version >/dev/null 2>&1 \
+        || docker-compose version >/dev/null 2>&1; then
+        return
+    fi
+    apt_install docker-compose
+}
+
 check_redis_version() {
     local banner major
     banner="$(redis-server --version)"
@@ -81,6 +92,7 @@ install_project() {
 }
 
 install_system_tools
+install_compose_cli
 check_redis_version
 make_venv
 install_project

@@ -2,6 +2,7 @@
 
 * every request carrying an ``X-API-Key`` header is debited from that key's
   request bucket (``/health`` and ``/metrics`` are not counted);
+* ``GET /me`` answers the caller's user id: the cheapest counted request;
 * ``POST /services/{service_id}/start`` reserves a service slot through the
   policy, or answers 429/403 with the reason;
 * ``POST /services/{service_id}/stop`` frees the slot.
@@ -105,6 +106,10 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/me")
+    async def me(user: str = Depends(current_user)) -> dict[str, str]:
+        return {"user": user}
 
     @app.post("/services/{service_id}/start")
     async def start_service(
