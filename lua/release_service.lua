@@ -8,8 +8,8 @@
 -- ARGV[3]  service id
 -- ARGV[4]  fence of the caller's lease, '' to release whatever holds it
 --
--- Returns 1 when a lease was removed, 0 when there was none or it belongs
--- to another fence (a newer holder keeps its slot).
+-- Returns 1 when a live lease was removed, 0 when there was none, it had
+-- expired, or it belongs to another fence (a newer holder keeps its slot).
 --
 -- Writes: removes the lease and its metadata; when the lease's fence is
 -- older than the counter (a restored lease), records the release in the
@@ -26,7 +26,10 @@ local fence = tonumber(ARGV[4])
 local now_ms = math.floor(now_us(clock) / 1000)
 local removed = 0
 local _, _, current = parse_meta(redis.call('HGET', meta_key, service_id))
-if redis.call('ZSCORE', svc_key, service_id)
+-- A lease past its expiry no longer holds a slot: releasing it frees
+-- nothing, though it is removed with the other expired ones below.
+local held_until = tonumber(redis.call('ZSCORE', svc_key, service_id))
+if held_until and held_until > now_ms
     and (fence == nil or fence == current) then
   redis.call('ZREM', svc_key, service_id)
   redis.call('HDEL', meta_key, service_id)

@@ -118,8 +118,8 @@ class UserData:
     profile: Optional[Limits] = None
     requests: Optional[Bucket] = None
     start_rate: Optional[Bucket] = None
-    # Service id -> expiry (ms); metadata in insertion order, as a small
-    # Redis hash keeps it, since quotas are summed in that order.
+    # Service id -> expiry (ms), and -> (memory, cpu, fence). Quotas are
+    # summed over live leases in expiry order, as the script reads them.
     leases: dict[str, float] = field(default_factory=dict)
     meta: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     # Start history: member (the fence, as text) -> start time (us).
@@ -313,7 +313,10 @@ class Model:
         cpu: float,
         now: float,
     ) -> StartAnswer:
-        """Every check of a start in the scripts' order; reserve on pass."""
+        """Every check of a start in the scripts' order; reserve on pass.
+
+        Checks count live state only and change nothing; expired leases
+        and starts older than the hour are trimmed by a granted start."""
         data = self.user(user_id)
         p = self.limits(user_id)
         cfg = self.config
@@ -327,9 +330,12 @@ class Model:
 
         now_ms = float(math.floor(now / 1000))
         expiry_ms = now_ms + cfg.lease_ms
-        self._purge(data, now_ms)
+        live = sorted(
+            (e, s.encode("utf-8"), s)
+            for s, e in data.leases.items() if e > now_ms
+        )
 
-        if service_id in data.leases:
+        if data.leases.get(service_id, -math.inf) > now_ms:
             fence = data.meta.get(service_id, (0.0, 0.0, 0.0))[2]
             data.leases[service_id] = expiry_ms
             return self._grant(
@@ -350,7 +356,7 @@ class Model:
                 retry=retry,
             )
 
-        running = len(data.leases)
+        running = len(live)
         if running >= p.conc:
             limit = number_text(p.conc)
             return self._deny(
@@ -362,12 +368,12 @@ class Model:
             )
 
         horizon = now - HOUR_MS * 1000
-        data.starts = {m: s for m, s in data.starts.items() if s > horizon}
-        started = len(data.starts)
+        window = [s for s in data.starts.values() if s > horizon]
+        started = len(window)
         if started >= p.sph:
             retry = 0.0
-            if data.starts:
-                oldest = min(data.starts.values())
+            if window:
+                oldest = min(window)
                 retry = max(0.0, oldest + HOUR_MS * 1000 - now) / 1e6
             limit = number_text(p.sph)
             return self._deny(
@@ -389,7 +395,8 @@ class Model:
 
         if memory > 0 or cpu > 0:
             used_mem = used_cpu = 0.0
-            for mem_used, cpu_used, _ in data.meta.values():
+            for _, _, live_id in live:
+                mem_used, cpu_used, _ = data.meta.get(live_id, (0.0, 0.0, 0.0))
                 used_mem = used_mem + mem_used
                 used_cpu = used_cpu + cpu_used
             if used_mem + memory > p.mem:
@@ -404,6 +411,8 @@ class Model:
                 )
 
         fence = self._next_fence(data, now)
+        self._purge(data, now_ms)
+        data.starts = {m: s for m, s in data.starts.items() if s > horizon}
         data.start_rate = self._stored(tokens - 1, ts, burst)
         data.leases[service_id] = expiry_ms
         data.meta[service_id] = (memory, cpu, fence)
@@ -579,8 +588,8 @@ class Model:
         service_id: str,
         now: float,
     ) -> bool:
-        """Free a slot: only the fence this replica holds or lost for it,
-        or any holder's when it knows no fence for the service."""
+        """Free a live slot: only the fence this replica holds or lost for
+        it, or any holder's when it knows no fence for the service."""
         data = self.user(user_id)
         held = replica.held.get(user_id, {}).get(service_id)
         fence = replica.lost_fences.pop((user_id, service_id), None)
@@ -589,9 +598,8 @@ class Model:
         now_ms = float(math.floor(now / 1000))
         current = data.meta.get(service_id, (0.0, 0.0, 0.0))[2]
         removed = False
-        if service_id in data.leases and (
-            fence is None or float(fence) == current
-        ):
+        live = data.leases.get(service_id, -math.inf) > now_ms
+        if live and (fence is None or float(fence) == current):
             del data.leases[service_id]
             data.meta.pop(service_id, None)
             removed = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,14 @@ Anomaly log:
 """
 
 
+def same_lines(printed: str) -> bool:
+    """Whether the demo printed EXPECTED. The 21st request's wait is 3 s
+    less the refill while the first 20 ran: a loaded machine may take more
+    than 0.1 s for them and print 2.9 s instead."""
+    printed = re.sub(r"\(wait 2\.[89]s\)", "(wait 3.0s)", printed)
+    return printed == EXPECTED
+
+
 def run_demo(env_update: dict[str, str]) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(env_update)
@@ -53,7 +62,7 @@ def test_demo_on_fakeredis():
     assert done.returncode == 0, done.stderr
     first, rest = done.stdout.split("\n", 1)
     assert first.startswith("Using an in-process Redis (fakeredis")
-    assert rest == EXPECTED
+    assert same_lines(rest), rest
 
 
 @pytest.mark.slow
@@ -65,7 +74,7 @@ def test_demo_on_a_real_redis_cleans_up(redis_server):
     assert done.returncode == 0, done.stderr
     first, rest = done.stdout.split("\n", 1)
     assert first.startswith("Using the Redis server at 127.0.0.1:")
-    assert rest == EXPECTED
+    assert same_lines(rest), rest
     assert client.dbsize() == 0
 
 
