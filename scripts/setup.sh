@@ -83,11 +83,13 @@ make_venv() {
 }
 
 install_project() {
-    if [ -f "$STAMP" ] && [ ! pyproject.toml -nt "$STAMP" ]; then
+    if [ -f "$STAMP" ] && [ ! pyproject.toml -nt "$STAMP" ] \
+        && [ ! constraints.txt -nt "$STAMP" ]; then
         return
     fi
+    # Pinned, so that every run tests the same versions.
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -e '.[test]'
+        -c constraints.txt -e '.[test]'
     touch "$STAMP"
 }
 
