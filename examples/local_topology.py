@@ -269,13 +269,22 @@ def start_redis(workdir: Path, *, use_harness: bool = True) -> RedisProcess:
 
 
 class Replica:
-    """One uvicorn process of the example app on a free port."""
+    """One uvicorn process of the example app on a free port, one of
+    ``replicas`` on the same Redis."""
 
-    def __init__(self, number: int, redis_url: str, workdir: Path) -> None:
+    def __init__(
+        self, number: int, redis_url: str, workdir: Path, *, replicas: int
+    ) -> None:
         self.number = number
         self.log_path = workdir / f"replica-{number}.log"
         self.port = 0
-        env = {**os.environ, "PACTOWN_REDIS_URL": redis_url}
+        # Without Redis each replica allows its share of a limit, so that
+        # all of them together still allow it once.
+        env = {
+            **os.environ,
+            "PACTOWN_REDIS_URL": redis_url,
+            "PACTOWN_REPLICAS": str(replicas),
+        }
         # The replicas import pactown_redis from this checkout even when it
         # is not installed.
         env["PYTHONPATH"] = os.pathsep.join(
@@ -436,7 +445,10 @@ class Topology:
             # it in the list that close() stops.
             for number in range(1, self.replica_count + 1):
                 self.replicas.append(
-                    Replica(number, self.redis.url, self.workdir)
+                    Replica(
+                        number, self.redis.url, self.workdir,
+                        replicas=self.replica_count,
+                    )
                 )
             deadline = time.monotonic() + START_TIMEOUT
             for replica in self.replicas:

@@ -13,10 +13,19 @@
     PACTOWN_DEFAULT_TIER=free
     PACTOWN_RAPID_RESTART_THRESHOLD=5    starts within a minute
     PACTOWN_ANOMALY_LOG_PATH=/var/log/pactown/anomalies.jsonl
+    PACTOWN_TIMEOUT=0.25                 seconds per call to Redis
+    PACTOWN_RATE_LIMIT_FAIL_MODE=local   closed, open or local
+    PACTOWN_START_FAIL_MODE=closed       closed, open or local
+    PACTOWN_REPLICAS=1                   replicas sharing the limits
+    PACTOWN_BREAKER_THRESHOLD=3          failures that open the breaker
+    PACTOWN_BREAKER_COOLDOWN=2           seconds
+    PACTOWN_AUTO_BLOCK_THRESHOLD=none    strikes, or "none" to turn off
+    PACTOWN_AUTO_BLOCK_WINDOW=600        seconds
+    PACTOWN_AUTO_BLOCK_DURATION=3600     seconds
 
 Every field is an option :class:`~pactown_redis.SecurityPolicy` takes.
-Client options such as timeouts go in the URL's query string
-(``redis://host:6379/0?socket_timeout=0.5``), which redis-py reads.
+Other client options go in the URL's query string
+(``redis://host:6379/0?health_check_interval=30``), which redis-py reads.
 """
 
 from __future__ import annotations
@@ -33,10 +42,20 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ._core import MAX_BLOCK_S
 from ._validate import check_namespace
 from .errors import InvalidInputError
 from .models import UserTier
 from .policy import SecurityPolicy
+from .resilience import (
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_TIMEOUT,
+    MAX_COOLDOWN,
+    MAX_REPLICAS,
+    MAX_TIMEOUT,
+    FailMode,
+)
 
 __all__ = ["PolicySettings", "build_policy"]
 
@@ -79,6 +98,19 @@ class PolicySettings(BaseSettings):
     default_tier: UserTier = UserTier.FREE
     rapid_restart_threshold: int = Field(default=5, ge=1, le=1_000_000)
     anomaly_log_path: Optional[Path] = None
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=MAX_TIMEOUT)
+    rate_limit_fail_mode: FailMode = FailMode.LOCAL
+    start_fail_mode: FailMode = FailMode.CLOSED
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    breaker_threshold: int = Field(
+        default=DEFAULT_BREAKER_THRESHOLD, ge=1, le=1_000_000
+    )
+    breaker_cooldown: float = Field(
+        default=DEFAULT_BREAKER_COOLDOWN, ge=0, le=MAX_COOLDOWN
+    )
+    auto_block_threshold: Optional[int] = Field(default=None, ge=1, le=10_000)
+    auto_block_window: float = Field(default=600.0, gt=0, le=MAX_BLOCK_S)
+    auto_block_duration: float = Field(default=3600.0, gt=0, le=MAX_BLOCK_S)
 
     @field_validator("redis_url")
     @classmethod
@@ -99,7 +131,11 @@ class PolicySettings(BaseSettings):
         return check_namespace(value)
 
     @field_validator(
-        "cpu_threshold", "memory_threshold", "anomaly_log_path", mode="before"
+        "cpu_threshold",
+        "memory_threshold",
+        "anomaly_log_path",
+        "auto_block_threshold",
+        mode="before",
     )
     @classmethod
     def _off(cls, value: Any) -> Any:
@@ -107,9 +143,11 @@ class PolicySettings(BaseSettings):
             return None
         return value
 
-    @field_validator("default_tier", mode="before")
+    @field_validator(
+        "default_tier", "rate_limit_fail_mode", "start_fail_mode", mode="before"
+    )
     @classmethod
-    def _tier(cls, value: Any) -> Any:
+    def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
     @classmethod
@@ -132,7 +170,11 @@ class PolicySettings(BaseSettings):
     def policy_options(self) -> dict[str, Any]:
         """Return the keyword arguments of :class:`SecurityPolicy`, all
         but its first argument (the client or URL)."""
-        return self.model_dump(exclude={"redis_url"})
+        options = self.model_dump(exclude={"redis_url"})
+        # The policy takes fail modes as their names.
+        for name in ("rate_limit_fail_mode", "start_fail_mode"):
+            options[name] = options[name].value
+        return options
 
 
 def _variable(loc: tuple[Any, ...]) -> str:

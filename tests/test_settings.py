@@ -61,6 +61,20 @@ def test_every_setting_is_a_policy_option():
             Path("/var/log/a.jsonl"),
         ),
         ("PACTOWN_ANOMALY_LOG_PATH", "none", "anomaly_log_path", None),
+        ("PACTOWN_TIMEOUT", "0.5", "timeout", 0.5),
+        ("PACTOWN_RATE_LIMIT_FAIL_MODE", "open", "rate_limit_fail_mode", "open"),
+        ("PACTOWN_RATE_LIMIT_FAIL_MODE", "Closed", "rate_limit_fail_mode",
+         "closed"),
+        ("PACTOWN_START_FAIL_MODE", "LOCAL", "start_fail_mode", "local"),
+        ("PACTOWN_REPLICAS", "3", "replicas", 3),
+        ("PACTOWN_BREAKER_THRESHOLD", "5", "breaker_threshold", 5),
+        ("PACTOWN_BREAKER_COOLDOWN", "0", "breaker_cooldown", 0.0),
+        ("PACTOWN_BREAKER_COOLDOWN", "7.5", "breaker_cooldown", 7.5),
+        ("PACTOWN_AUTO_BLOCK_THRESHOLD", "4", "auto_block_threshold", 4),
+        ("PACTOWN_AUTO_BLOCK_THRESHOLD", "none", "auto_block_threshold", None),
+        ("PACTOWN_AUTO_BLOCK_THRESHOLD", "off", "auto_block_threshold", None),
+        ("PACTOWN_AUTO_BLOCK_WINDOW", "60", "auto_block_window", 60.0),
+        ("PACTOWN_AUTO_BLOCK_DURATION", "90.5", "auto_block_duration", 90.5),
     ],
 )
 def test_values_from_the_environment(monkeypatch, variable, value, field, expected):
@@ -124,6 +138,21 @@ def test_a_bad_url_is_reported_without_its_password(monkeypatch):
         ("PACTOWN_NAMESPACE", "x" * 65),
         ("PACTOWN_DEFAULT_TIER", "gold"),
         ("PACTOWN_RAPID_RESTART_THRESHOLD", "0"),
+        ("PACTOWN_TIMEOUT", "0"),
+        ("PACTOWN_TIMEOUT", "61"),
+        ("PACTOWN_TIMEOUT", "fast"),
+        ("PACTOWN_RATE_LIMIT_FAIL_MODE", "sometimes"),
+        ("PACTOWN_START_FAIL_MODE", ""),
+        ("PACTOWN_REPLICAS", "0"),
+        ("PACTOWN_REPLICAS", "2.5"),
+        ("PACTOWN_REPLICAS", "1000001"),
+        ("PACTOWN_BREAKER_THRESHOLD", "0"),
+        ("PACTOWN_BREAKER_COOLDOWN", "-1"),
+        ("PACTOWN_BREAKER_COOLDOWN", "3601"),
+        ("PACTOWN_AUTO_BLOCK_THRESHOLD", "0"),
+        ("PACTOWN_AUTO_BLOCK_THRESHOLD", "10001"),
+        ("PACTOWN_AUTO_BLOCK_WINDOW", "0"),
+        ("PACTOWN_AUTO_BLOCK_DURATION", str(30 * 86400 + 1)),
     ],
 )
 def test_bad_values_name_their_variable(monkeypatch, variable, value):
@@ -176,6 +205,29 @@ async def test_build_policy_on_a_given_client(redis_client, clock):
         assert result.limit == 120
         assert policy.rules.start_burst == 4
     assert await redis_client.ping()
+
+
+async def test_build_policy_passes_the_resilience_settings(redis_client, clock):
+    """Timeout, fail modes, replicas, breaker and auto-block reach the policy."""
+    settings = PolicySettings.load(
+        timeout=0.5, rate_limit_fail_mode="open", start_fail_mode="local",
+        replicas=3, breaker_threshold=7, breaker_cooldown=4.5,
+        auto_block_threshold=2, auto_block_window=60, auto_block_duration=90,
+    )
+    async with build_policy(settings, redis=redis_client, clock=clock) as policy:
+        resilience = policy.resilience
+        assert resilience.timeout == 0.5
+        assert resilience.rate_limit_fail_mode == "open"
+        assert resilience.start_fail_mode == "local"
+        assert resilience.replicas == 3
+        breaker = resilience.breaker
+        assert (breaker.threshold, breaker.cooldown) == (7, 4.5)
+        assert policy.auto_block is not None
+        assert (
+            policy.auto_block.threshold,
+            policy.auto_block.window_ms,
+            policy.auto_block.duration_ms,
+        ) == (2, 60_000, 90_000)
 
 
 def test_build_policy_reports_bad_options():

@@ -518,7 +518,7 @@ def test_compose_redis_never_evicts_and_reports_health(services):
 
 
 def test_compose_runs_three_apps_on_the_shared_redis(services):
-    """Three apps wait for a healthy Redis and point at it, on own ports."""
+    """Three apps wait for a healthy Redis, point at it, know they are three."""
     apps = {
         name: service
         for name, service in services.items()
@@ -528,6 +528,7 @@ def test_compose_runs_three_apps_on_the_shared_redis(services):
     host_ports = set()
     for service in apps.values():
         url = urlsplit(environment(service)["PACTOWN_REDIS_URL"])
+        assert environment(service)["PACTOWN_REPLICAS"] == str(len(apps))
         assert url.scheme == "redis" and url.hostname in services
         assert services[url.hostname]["image"].startswith("redis:")
         assert url.port == 6379
