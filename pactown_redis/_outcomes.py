@@ -325,12 +325,16 @@ def corrupt_start(user_id: str, field: str) -> Decision:
     )
 
 
+#: Denials of a start whose reply says how long until it can succeed.
+TIMED_DENIALS = frozenset({"autoblocked", "rate", "hourly"})
+
+
 def denied_start(
     outcome: StartOutcome, user_id: str, service_id: str
 ) -> Decision:
     """Return the decision for a start a check refused."""
     denial = _core.describe_denial(outcome, user_id)
-    retry = outcome.retry_after if outcome.status in ("rate", "hourly") else None
+    retry = outcome.retry_after if outcome.status in TIMED_DENIALS else None
     recorded = event(
         denial.anomaly_type,
         denial.details,
