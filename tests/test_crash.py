@@ -474,7 +474,7 @@ async def test_lost_keys_are_restored_by_the_holder(
         ("b", "restored", granted["b"]),
     ]
     state = await policy.get_user_state(USER)
-    assert [(l.service_id, l.fence, l.memory_mb) for l in state.leases] == [
+    assert [(x.service_id, x.fence, x.memory_mb) for x in state.leases] == [
         ("a", granted["a"], 64.0),
         ("b", granted["b"], 64.0),
     ]

@@ -272,7 +272,6 @@ async def test_out_of_memory_writes_all_or_nothing(clock):
         async with build(
             server.url, clock, ticker, breaker_threshold=3
         ) as policy:
-            keys = policy.keys.user("u")
             await policy.set_user_profile(UserProfile(user_id="u"))
             assert (await policy.check_can_start_service("u", "s1")).allowed
             await policy.check_rate_limit("u")

@@ -18,7 +18,6 @@ from urllib.parse import quote
 
 import pytest
 import redis
-import redis.asyncio as aredis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from pactown_redis import (
@@ -307,7 +306,9 @@ def wait_for_ping(client: redis.Redis, timeout: float = 10.0) -> None:
                 return
             except redis.exceptions.ConnectionError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("the TLS server did not answer")
+                    raise TimeoutError(
+                        "the TLS server did not answer"
+                    ) from None
                 time.sleep(0.05)
     finally:
         client.close()
