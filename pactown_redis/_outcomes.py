@@ -427,6 +427,48 @@ def renewed_lease(outcome: RenewOutcome, held: Optional[HeldLease]) -> HeldLease
     return HeldLease(outcome.fence, outcome.expiry_ms, memory, cpu)
 
 
+#: Lost leases whose fence a policy remembers until they are unregistered.
+MAX_LOST_FENCES = 10_000
+
+
+class LostFences:
+    """Fences of leases a policy found lost, by ``(user_id, service_id)``.
+
+    Each is kept until its service is unregistered or held again, so that
+    unregistering a service whose lease was lost frees that lease only and
+    never the slot a newer holder took for the same service. At most
+    ``limit`` are kept; past it the oldest loss is forgotten, as its
+    service was most likely stopped long ago. Not thread-safe: a policy
+    that shares it between threads holds its own lock around each call.
+    """
+
+    def __init__(self, limit: int = MAX_LOST_FENCES) -> None:
+        self._limit = limit
+        self._fences: dict[tuple[str, str], int] = {}
+
+    def remember(self, user_id: str, service_id: str, fence: int) -> None:
+        """Keep ``fence`` as the lost lease of ``service_id``, newest last."""
+        key = (user_id, service_id)
+        self._fences.pop(key, None)
+        self._fences[key] = fence
+        if len(self._fences) > self._limit:
+            del self._fences[next(iter(self._fences))]
+
+    def forget(self, user_id: str, service_id: str) -> None:
+        """Drop what is kept for ``service_id``, if anything."""
+        self._fences.pop((user_id, service_id), None)
+
+    def release_fence(
+        self, user_id: str, service_id: str, held: Optional[HeldLease]
+    ) -> Optional[int]:
+        """Return the fence a release of ``service_id`` must name: the held
+        lease's, else the lost lease's, else None (whichever lease holds
+        it)."""
+        if held is not None:
+            return held.fence
+        return self._fences.get((user_id, service_id))
+
+
 def lease_lost_event(user_id: str, service_id: str) -> AnomalyEvent:
     """Return the event recorded when a held lease is found lost."""
     return event(

@@ -48,9 +48,6 @@ logger = logging.getLogger(__name__)
 
 LeaseLostHandler = Callable[[str, str], Any]
 
-#: Lost leases whose fence a policy remembers until they are unregistered.
-_MAX_LOST_FENCES = 10_000
-
 
 def connect(
     url: Union[str, Sequence[tuple[str, int]]],
@@ -209,10 +206,7 @@ class SecurityPolicy:
         self.load = LoadMonitor(cpu_threshold, memory_threshold, probe=load_probe)
         self.on_lease_lost = on_lease_lost
         self._held: dict[str, dict[str, HeldLease]] = {}
-        # Fences of leases found lost, kept until their service is
-        # unregistered, so that unregistering it frees that lease only and
-        # never the slot a newer holder took for the same service.
-        self._lost_fences: dict[tuple[str, str], int] = {}
+        self._lost_fences = _outcomes.LostFences()
         self._renewer: Optional[asyncio.Task[None]] = None
         self._closed = False
 
@@ -446,7 +440,7 @@ class SecurityPolicy:
 
     def _hold(self, user_id: str, service_id: str, lease: HeldLease) -> None:
         self._held.setdefault(user_id, {})[service_id] = lease
-        self._lost_fences.pop((user_id, service_id), None)
+        self._lost_fences.forget(user_id, service_id)
         if self._renewer is None and not self._closed:
             self._renewer = asyncio.get_running_loop().create_task(
                 self._renew_forever(), name="pactown-redis lease renewer"
@@ -484,13 +478,11 @@ class SecurityPolicy:
         whichever lease holds it.
         """
         held = self._held.get(user_id, {}).get(service_id)
-        fence = self._lost_fences.get((user_id, service_id))
-        if held is not None:
-            fence = held.fence
+        fence = self._lost_fences.release_fence(user_id, service_id, held)
         call = _core.release_call(self.rules, user_id, service_id, fence)
         removed = bool(await self._run(call))
         self._drop(user_id, service_id)
-        self._lost_fences.pop((user_id, service_id), None)
+        self._lost_fences.forget(user_id, service_id)
         return removed
 
     async def renew_leases(self) -> list[_core.RenewOutcome]:
@@ -521,10 +513,7 @@ class SecurityPolicy:
 
     async def _lost(self, user_id: str, service_id: str, fence: int) -> None:
         self._drop(user_id, service_id)
-        self._lost_fences[(user_id, service_id)] = fence
-        if len(self._lost_fences) > _MAX_LOST_FENCES:
-            # The oldest loss's service was most likely stopped long ago.
-            del self._lost_fences[next(iter(self._lost_fences))]
+        self._lost_fences.remember(user_id, service_id, fence)
         self.anomalies.record(_outcomes.lease_lost_event(user_id, service_id))
         if self.on_lease_lost is not None:
             try:

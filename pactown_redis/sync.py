@@ -341,6 +341,8 @@ class SyncSecurityPolicy:
         self.on_lease_lost = on_lease_lost
         self.auto_renew = bool(auto_renew)
         self._held: dict[str, dict[str, HeldLease]] = {}
+        self._lost_fences = _outcomes.LostFences()
+        # Guards _held and _lost_fences.
         self._held_lock = threading.Lock()
         # A renewal round and a release of the same lease must not overlap,
         # or the round would report a lease it saw released as lost.
@@ -571,6 +573,7 @@ class SyncSecurityPolicy:
     def _hold(self, user_id: str, service_id: str, lease: HeldLease) -> None:
         with self._held_lock:
             self._held.setdefault(user_id, {})[service_id] = lease
+            self._lost_fences.forget(user_id, service_id)
             if self.auto_renew and self._renewer is None and not self._closed:
                 self._renewer = threading.Thread(
                     target=self._renew_forever,
@@ -579,13 +582,21 @@ class SyncSecurityPolicy:
                 )
                 self._renewer.start()
 
-    def _drop(self, user_id: str, service_id: str) -> None:
+    def _drop(
+        self, user_id: str, service_id: str, lost_fence: Optional[int] = None
+    ) -> None:
+        """Stop holding ``service_id``; with ``lost_fence``, remember it as
+        the lease found lost, else forget any such lease."""
         with self._held_lock:
             held = self._held.get(user_id)
             if held is not None:
                 held.pop(service_id, None)
                 if not held:
                     del self._held[user_id]
+            if lost_fence is None:
+                self._lost_fences.forget(user_id, service_id)
+            else:
+                self._lost_fences.remember(user_id, service_id, lost_fence)
 
     def _held_lease(self, user_id: str, service_id: str) -> Optional[HeldLease]:
         with self._held_lock:
@@ -612,11 +623,16 @@ class SyncSecurityPolicy:
         return outcome.fence
 
     def unregister_service(self, user_id: str, service_id: str) -> bool:
-        """Free a service's slot; returns whether a slot was freed."""
-        held = self._held_lease(user_id, service_id)
-        call = _core.release_call(
-            self.rules, user_id, service_id, None if held is None else held.fence
-        )
+        """Free a service's slot; returns whether a slot was freed.
+
+        Only the lease this policy holds (or last held, if it found the
+        lease lost) is freed; a service this policy never held frees
+        whichever lease holds it.
+        """
+        with self._held_lock:
+            held = self._held.get(user_id, {}).get(service_id)
+            fence = self._lost_fences.release_fence(user_id, service_id, held)
+        call = _core.release_call(self.rules, user_id, service_id, fence)
         with self._renew_lock:
             removed = bool(self._run(call))
             self._drop(user_id, service_id)
@@ -662,7 +678,7 @@ class SyncSecurityPolicy:
         for outcome, held in zip(outcomes, leases.values()):
             if outcome.status == "lost":
                 if held is not None:
-                    self._drop(user_id, outcome.service_id)
+                    self._drop(user_id, outcome.service_id, held.fence)
                     lost.append((user_id, outcome.service_id))
                 continue
             self._hold(

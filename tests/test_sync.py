@@ -401,6 +401,39 @@ def test_expired_lease_is_reported_lost(make_sync, clock):
     assert (event.service_id, event.severity) == ("a", Severity.HIGH)
 
 
+@pytest.mark.parametrize("how", ["register", "renew"])
+def test_stalled_replica_learns_its_lease_was_lost(make_sync, clock, how):
+    """After a stall past expiry and a takeover, the loss is reported and
+    unregistering the lost service leaves the new holder's slot alone."""
+    calls = []
+    stalled = make_sync(
+        lease_ttl=30, on_lease_lost=lambda u, s: calls.append((u, s))
+    )
+    other = make_sync(lease_ttl=30)
+    stalled.set_user_profile(UserProfile(user_id="u", max_concurrent_services=1))
+    old = start(stalled, "svc")
+    assert old.allowed
+
+    clock.advance(31)
+    new = start(other, "svc")
+    assert new.allowed and not new.already_running
+    assert new.fence > old.fence
+
+    if how == "register":
+        with pytest.raises(LeaseLostError):
+            stalled.register_service("u", "svc")
+    else:
+        outcomes = stalled.renew_leases()
+        assert [(o.service_id, o.status) for o in outcomes] == [("svc", "lost")]
+    assert stalled.held_leases() == {}
+    assert calls == [("u", "svc")]
+    lost = stalled.anomalies.by_type(AnomalyType.LEASE_LOST)
+    assert [(e.user_id, e.service_id) for e in lost] == [("u", "svc")]
+    assert not stalled.unregister_service("u", "svc")
+    assert other.register_service("u", "svc") == new.fence
+    assert other.get_user_service_count("u") == 1
+
+
 def test_register_confirms_and_unregister_frees(sync_policy):
     """register_service renews a reserved slot and returns its fence."""
     result = start(sync_policy, "a")
