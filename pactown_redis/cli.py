@@ -20,6 +20,7 @@ import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 from urllib.parse import unquote, urlsplit
 
@@ -449,6 +450,28 @@ def _example_dirs() -> list[Path]:
     ]
 
 
+def _load_example(path: Path) -> ModuleType:
+    """Import the example at ``path`` as ``pactown_redis_example_<stem>``.
+
+    Raises:
+        CliError: ``path`` cannot be imported as a module.
+        Exception: whatever running the example's top level raises.
+    """
+    name = f"pactown_redis_example_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise CliError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve postponed annotations through sys.modules.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def _run_example(args: argparse.Namespace, filename: str) -> int:
     path = next(
         (d / filename for d in _example_dirs() if (d / filename).is_file()), None
@@ -458,13 +481,7 @@ def _run_example(args: argparse.Namespace, filename: str) -> int:
             f"examples/{filename} is not here: the examples ship with the "
             "source tree, not the installed package"
         )
-    spec = importlib.util.spec_from_file_location(
-        f"pactown_redis_example_{path.stem}", path
-    )
-    if spec is None or spec.loader is None:
-        raise CliError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_example(path)
     entry: Optional[Callable[..., Any]] = getattr(module, "main", None)
     if not callable(entry):
         raise CliError(f"{path} has no main()")

@@ -468,6 +468,34 @@ def test_simulate_awaits_an_async_main(examples, capsys):
     assert capsys.readouterr().out == "simulated\n"
 
 
+def test_example_with_a_dataclass_and_postponed_annotations_loads(examples):
+    """An example defining a dataclass under postponed annotations loads."""
+    path = examples / "with_dataclass.py"
+    path.write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "@dataclass\n"
+        "class Tenant:\n"
+        "    name: str\n"
+        "    slots: int = 1\n"
+    )
+    module = cli._load_example(path)
+    try:
+        assert module.Tenant("t").slots == 1
+        assert sys.modules[module.__name__] is module
+    finally:
+        sys.modules.pop(module.__name__, None)
+
+
+def test_example_that_fails_to_load_is_not_left_registered(examples):
+    """An example whose top level raises leaves nothing in sys.modules."""
+    path = examples / "broken.py"
+    path.write_text("raise RuntimeError('broken example')\n")
+    with pytest.raises(RuntimeError, match="broken example"):
+        cli._load_example(path)
+    assert "pactown_redis_example_broken" not in sys.modules
+
+
 @pytest.mark.parametrize("command", ["demo", "simulate"])
 def test_missing_example_is_said_in_one_line(examples, capsys, command):
     """Without the example file the command says so and exits 1."""
