@@ -21,7 +21,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -252,8 +252,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 s["service_id"],
                 f"{s['expires_in']:.1f}s",
                 s["fence"],
-                _number(s["memory_mb"]),
-                _number(s["cpu_percent"]),
+                _number(cast(float, s["memory_mb"])),
+                _number(cast(float, s["cpu_percent"])),
             ]
             for s in services
         ]
@@ -544,7 +544,7 @@ def _ports(text: str) -> Optional[list[int]]:
         ) from None
 
 
-def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
+def _common_options(*, suppress: bool) -> _Parser:
     """The options every command takes. Sub-commands accept them too, and
     leave the top-level value alone when not given (SUPPRESS)."""
     default: Any = argparse.SUPPRESS if suppress else None

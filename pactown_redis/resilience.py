@@ -820,7 +820,8 @@ def make_client(
     )
     if not isinstance(url, str):
         nodes = [node(host, port) for host, port in _cluster.startup_nodes(url)]
-        return many(startup_nodes=nodes, **options)
+        # node and many come from the same flavour, which mypy cannot see.
+        return many(startup_nodes=nodes, **options)  # type: ignore[arg-type]
     url, cluster = _cluster.cluster_url(url, cluster)
     try:
         if cluster:
