@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ._validate import check_id, check_number
@@ -95,11 +96,16 @@ class Rules:
             return ""
         return str(int(self.clock() * 1_000_000))
 
-    def default_args(self) -> list[str]:
+    def default_args(self) -> tuple[str, ...]:
         """Return the default tier's numbers and name, as scripts take them."""
-        limits = TIER_LIMITS[self.default_tier]
-        numbers = [str(limits[name]) for _, name in _PROFILE_FIELDS]
-        return numbers + [self.default_tier.value]
+        return _tier_args(self.default_tier)
+
+
+@cache
+def _tier_args(tier: UserTier) -> tuple[str, ...]:
+    # Sent with every decision and the same each time: built once per tier.
+    limits = TIER_LIMITS[tier]
+    return (*(str(limits[name]) for _, name in _PROFILE_FIELDS), tier.value)
 
 
 # -- profiles --------------------------------------------------------------

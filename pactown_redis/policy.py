@@ -16,16 +16,12 @@ from ._validate import check_id
 from .anomalies import AnomalyHandler, AnomalyLog, summarize
 from .errors import (
     BackendError,
-    CorruptProfileError,
     LeaseLostError,
     RedisUnavailableError,
 )
 from .models import (
-    AnomalyEvent,
-    AnomalyType,
     RateLimitResult,
     SecurityCheckResult,
-    Severity,
     UserProfile,
     UserTier,
 )
@@ -283,26 +279,6 @@ class SecurityPolicy:
         # raises RedisUnavailableError when Redis cannot decide in time.
         return await self._guard.run(call)
 
-    def _record(
-        self,
-        anomaly_type: AnomalyType,
-        details: str,
-        *,
-        user_id: Optional[str],
-        service_id: Optional[str] = None,
-        severity: Severity = Severity.MEDIUM,
-        metadata: Optional[dict[str, Any]] = None,
-    ) -> AnomalyEvent:
-        return self.anomalies.record(
-            _outcomes.event(
-                anomaly_type,
-                details,
-                user_id=user_id,
-                service_id=service_id,
-                severity=severity,
-                metadata=metadata,
-            )
-        )
     # -- profiles --------------------------------------------------------------
 
     async def set_user_profile(self, profile: UserProfile) -> None:
@@ -414,8 +390,6 @@ class SecurityPolicy:
         )
         try:
             outcome = _core.parse_start(await self._run(check.call))
-        except CorruptProfileError as exc:  # pragma: no cover - parse_start
-            raise BackendError(str(exc)) from exc
         except RedisUnavailableError:
             return self.resilience.start(user_id)
         decision = check.decide(outcome)

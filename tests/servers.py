@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -1204,3 +1205,86 @@ def make_tls_material(
         "wrong_ca": path("wrong-ca.crt"),
         "wrong_ca_key": path("wrong-ca.key"),
     }
+
+
+class ReplyDropper:
+    """Threads relaying TCP between a client and Redis; armed, they lose
+    the answer to the next script call. Being threads, they serve sync and
+    async clients alike.
+
+    The call reaches Redis and runs; its reply is swallowed and both
+    sockets are shut, so the policy sees a broken connection and cannot
+    know whether the script ran. Each connection gets two relay threads.
+    """
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.armed = False
+        self.dropped = 0
+        self._listener = socket.create_server((HOST, 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> "ReplyDropper":
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # shutdown() wakes the threads blocked in accept() and recv().
+        with self._lock:
+            opened = [self._listener, *self._sockets]
+        for sock in opened:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._acceptor.join(5)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self.upstream))
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(
+                target=self._serve, args=(client, upstream), daemon=True
+            ).start()
+
+    def _serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        cut = threading.Event()
+
+        def to_server() -> None:
+            while data := client.recv(65536):
+                if self.armed and b"EVAL" in data.upper():
+                    self.armed = False
+                    cut.set()
+                upstream.sendall(data)
+
+        def to_client() -> None:
+            while data := upstream.recv(65536):
+                if cut.is_set():
+                    self.dropped += 1
+                    return
+                client.sendall(data)
+
+        pumps = [
+            threading.Thread(target=_quietly, args=(pump,), daemon=True)
+            for pump in (to_server, to_client)
+        ]
+        for pump in pumps:
+            pump.start()
+        pumps[1].join()
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        pumps[0].join()
+
+
+def _quietly(pump: Any) -> None:
+    # A pump ends when either side closes its socket.
+    with contextlib.suppress(OSError):
+        pump()

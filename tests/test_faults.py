@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 import redis
@@ -35,7 +35,7 @@ from pactown_redis.resilience import (
     new_request_id,
 )
 from conftest import Clock
-from servers import HOST, LocalSentinel, RedisServer, free_port
+from servers import HOST, LocalSentinel, RedisServer, ReplyDropper, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -310,66 +310,11 @@ async def test_out_of_memory_writes_all_or_nothing(clock):
 # -- retries ------------------------------------------------------------------
 
 
-class ReplyDropper:
-    """A TCP proxy in front of Redis that can lose one reply.
-
-    When armed, it forwards the next script call to Redis, which runs it,
-    then closes the client's connection instead of passing the answer on:
-    the caller cannot tell whether its call was applied.
-    """
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.armed = False
-        self.dropped = 0
-        self.port = 0
-        self._server: Any = None
-
-    async def __aenter__(self) -> "ReplyDropper":
-        self._server = await asyncio.start_server(self._serve, HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream)
-        cut = asyncio.Event()
-
-        async def to_server() -> None:
-            while data := await reader.read(65536):
-                if self.armed and b"EVAL" in data.upper():
-                    self.armed = False
-                    cut.set()
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def to_client() -> None:
-            while data := await up_reader.read(65536):
-                if cut.is_set():
-                    self.dropped += 1
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        pumps = [asyncio.ensure_future(p) for p in (to_server(), to_client())]
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for pump in pumps:
-            pump.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-        for stream in (writer, up_writer):
-            stream.close()
-
-
 @pytest.fixture
-async def dropper() -> AsyncIterator[tuple[RedisServer, ReplyDropper]]:
+def dropper() -> Iterator[tuple[RedisServer, ReplyDropper]]:
     """A private redis-server behind a ReplyDropper."""
     with RedisServer() as server:
-        async with ReplyDropper(server.port) as proxy:
+        with ReplyDropper(server.port) as proxy:
             yield server, proxy
 
 

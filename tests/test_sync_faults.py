@@ -9,9 +9,6 @@ event loop runs here: the policy, the proxy and the tests all block.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from typing import Any, Iterator
 
@@ -20,7 +17,13 @@ import pytest
 from pactown_redis import AnomalyType, SyncSecurityPolicy, UserProfile, UserTier
 from pactown_redis.resilience import BreakerState
 from conftest import Clock
-from servers import HOST, LocalCluster, LocalSentinel, RedisServer
+from servers import (
+    HOST,
+    LocalCluster,
+    LocalSentinel,
+    RedisServer,
+    ReplyDropper,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -98,88 +101,6 @@ def test_frozen_server_bounds_every_decision(clock):
 
 
 # -- retries ------------------------------------------------------------------
-
-
-class ReplyDropper:
-    """Threads relaying TCP between the policy and Redis; armed, they lose
-    the answer to the next script call.
-
-    The call reaches Redis and runs; its reply is swallowed and both
-    sockets are shut, so the policy sees a broken connection and cannot
-    know whether the script ran. Each connection gets two relay threads.
-    """
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.armed = False
-        self.dropped = 0
-        self._listener = socket.create_server((HOST, 0))
-        self.port = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-
-    def __enter__(self) -> "ReplyDropper":
-        self._acceptor.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        # shutdown() wakes the threads blocked in accept() and recv().
-        with self._lock:
-            opened = [self._listener, *self._sockets]
-        for sock in opened:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._acceptor.join(5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((HOST, self.upstream))
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(
-                target=self._serve, args=(client, upstream), daemon=True
-            ).start()
-
-    def _serve(self, client: socket.socket, upstream: socket.socket) -> None:
-        cut = threading.Event()
-
-        def to_server() -> None:
-            while data := client.recv(65536):
-                if self.armed and b"EVAL" in data.upper():
-                    self.armed = False
-                    cut.set()
-                upstream.sendall(data)
-
-        def to_client() -> None:
-            while data := upstream.recv(65536):
-                if cut.is_set():
-                    self.dropped += 1
-                    return
-                client.sendall(data)
-
-        pumps = [
-            threading.Thread(target=_quietly, args=(pump,), daemon=True)
-            for pump in (to_server, to_client)
-        ]
-        for pump in pumps:
-            pump.start()
-        pumps[1].join()
-        for sock in (client, upstream):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        pumps[0].join()
-
-
-def _quietly(pump: Any) -> None:
-    # A pump ends when either side closes its socket.
-    with contextlib.suppress(OSError):
-        pump()
 
 
 @pytest.fixture
