@@ -18,9 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+
 from .errors import BackendError, InvalidInputError
 
-__all__ = ["cluster_url", "startup_nodes", "time_ms"]
+__all__ = ["cluster_url", "is_cluster", "startup_nodes", "time_ms"]
 
 #: URL schemes that name a cluster, with the scheme the client takes.
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -113,3 +116,8 @@ def time_ms(reply: Any) -> int:
         return max(time_ms(each) for each in reply.values())
     seconds, micros = reply
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def is_cluster(client: Any) -> bool:
+    """Return whether ``client`` is a Redis Cluster client, async or not."""
+    return isinstance(client, (AsyncRedisCluster, RedisCluster))

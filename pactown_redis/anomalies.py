@@ -86,40 +86,57 @@ class AnomalyLog:
         self.maxlen = maxlen
         self.log_path = log_path
         self.on_anomaly = on_anomaly
-        self._pending: set[asyncio.Task[None]] = set()
+        self._queue: list[AnomalyEvent] = []
+        self._publisher: Optional[asyncio.Task[None]] = None
 
     def record(self, event: AnomalyEvent) -> AnomalyEvent:
         """Publish ``event`` to the file, the handler and (in the
-        background) the stream, and return it."""
+        background) the stream, and return it. Events reach the stream
+        and the handler in the order they were recorded."""
         if self.log_path is not None:
             append_to_file(self.log_path, event)
-        task = asyncio.ensure_future(self._publish(event))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._queue.append(event)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.ensure_future(self._publish())
         return event
 
-    async def _publish(self, event: AnomalyEvent) -> None:
-        try:
-            await self._client.xadd(
+    async def _publish(self) -> None:
+        # One task publishes everything, so events keep their order; the
+        # events recorded while one batch is sent leave as the next one.
+        while self._queue:
+            batch, self._queue = self._queue, []
+            await self._append(batch)
+            if self.on_anomaly is not None:
+                for event in batch:
+                    await self._hand_over(event)
+
+    async def _append(self, batch: list[AnomalyEvent]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for event in batch:
+            pipe.xadd(
                 self.stream_key,
                 event.to_fields(),
                 maxlen=self.maxlen,
                 approximate=True,
             )
+        try:
+            await pipe.execute()
         except Exception as exc:  # noqa: BLE001 - an event must not fail a decision
             logger.warning("cannot append anomaly to the stream: %s", exc)
-        if self.on_anomaly is not None:
-            try:
-                outcome = self.on_anomaly(event)
-                if inspect.isawaitable(outcome):
-                    await outcome
-            except Exception:  # noqa: BLE001 - a handler's bug is its own
-                logger.warning("on_anomaly handler failed", exc_info=True)
+
+    async def _hand_over(self, event: AnomalyEvent) -> None:
+        assert self.on_anomaly is not None
+        try:
+            outcome = self.on_anomaly(event)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:  # noqa: BLE001 - a handler's bug is its own
+            logger.warning("on_anomaly handler failed", exc_info=True)
 
     async def flush(self) -> None:
         """Wait until this replica's pending events are published."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending))
+        while self._publisher is not None and not self._publisher.done():
+            await asyncio.shield(self._publisher)
 
     async def recent(self, count: int = 100) -> list[AnomalyEvent]:
         """Return up to ``count`` newest events, oldest first."""

@@ -269,6 +269,7 @@ class SecurityPolicy:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
         await self.anomalies.flush()
+        await self._guard.close()
         if self._owns_client:
             await close_client(self._client)
 

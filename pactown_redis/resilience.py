@@ -54,6 +54,7 @@ from redis.sentinel import Sentinel
 
 from . import _cluster
 from ._core import Rules
+from ._pipeline import AutoPipeline
 from ._validate import check_number
 from .errors import (
     BackendError,
@@ -907,6 +908,10 @@ def close_sync_client(client: Any) -> None:
 # -- the async sender ---------------------------------------------------------
 
 
+# What a call to Redis may fail with, besides its own error reply.
+_FAILURES = (rx.RedisError, OSError, asyncio.TimeoutError)
+
+
 async def _within(seconds: float, work: Coroutine[Any, Any, Any]) -> Any:
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):
@@ -917,12 +922,13 @@ async def _within(seconds: float, work: Coroutine[Any, Any, Any]) -> Any:
 class AsyncGuard:
     """Sends a policy's script calls through its :class:`Resilience`.
 
-    Each call gets the deadline, the ``NOSCRIPT`` recovery and at most one
-    retry, on a new connection, after a connection error. Sending a script
-    twice never applies it twice: a debit carries a request id the script
-    answers ``'dup'`` for, a start of a service that holds a slot takes the
-    ``'running'`` path, and renewals, releases and profile writes set the
-    same state again.
+    Calls travel through an :class:`~pactown_redis._pipeline.AutoPipeline`,
+    so concurrent calls share round trips. Each call gets the deadline, the
+    ``NOSCRIPT`` recovery and at most one retry, on a new connection, after
+    a connection error. Sending a script twice never applies it twice: a
+    debit carries a request id the script answers ``'dup'`` for, a start of
+    a service that holds a slot takes the ``'running'`` path, and renewals,
+    releases and profile writes set the same state again.
 
     Args:
         client: a ``redis.asyncio`` client.
@@ -936,9 +942,17 @@ class AsyncGuard:
         resilience: Resilience,
         record: Callable[[AnomalyEvent], Any],
     ) -> None:
-        self._client = client
         self.resilience = resilience
         self._record = record
+        self._pipeline = AutoPipeline(client, self._may_retry)
+
+    async def close(self) -> None:
+        """Close the connection the guard's pipeline holds."""
+        await self._pipeline.close()
+
+    def _may_retry(self, exc: BaseException, started: float) -> bool:
+        deadline = Deadline(started + self.resilience.timeout)
+        return retryable(exc) and deadline.allows_retry()
 
     async def run(self, call: ScriptCall) -> Any:
         """Return the script's reply.
@@ -950,32 +964,44 @@ class AsyncGuard:
             BackendError: Redis answered with another error.
         """
         resilience = self.resilience
-        name = call.script.name
-        resilience.admit(name)
+        resilience.admit(call.script.name)
         try:
-            reply = await _within(resilience.timeout, self._send(call))
-        except (rx.RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise resilience.on_error(exc, name) from exc
-        event = resilience.on_reply()
-        if event is not None:
-            self._record(event)
+            reply = await _within(resilience.timeout, self._pipeline.call(call))
+        except _FAILURES as exc:
+            raise resilience.on_error(exc, call.script.name) from exc
+        self._replied()
         return reply
 
-    async def _send(self, call: ScriptCall) -> Any:
-        deadline = Deadline.after(self.resilience.timeout)
-        try:
-            return await self._evalsha(call)
-        except rx.ConnectionError as exc:
-            if not (retryable(exc) and deadline.allows_retry()):
-                raise
-        return await self._evalsha(call)
+    async def run_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Return the replies of ``calls`` in order, sent together. A
+        call that failed has a :class:`PactownRedisError` in its place
+        (as :meth:`run` would raise).
 
-    async def _evalsha(self, call: ScriptCall) -> Any:
+        Raises:
+            RedisUnavailableError: the breaker is open, or the batch could
+                not be sent and answered in time.
+        """
+        resilience = self.resilience
+        name = calls[0].script.name if calls else "batch"
+        resilience.admit(name)
         try:
-            return await self._client.evalsha(*call.evalsha_args())
-        except rx.NoScriptError:
-            # Nothing ran; EVAL runs the script once and caches it again.
-            return await self._client.eval(*call.eval_args())
+            replies = await _within(
+                resilience.timeout, self._pipeline.call_many(calls)
+            )
+        except _FAILURES as exc:
+            raise resilience.on_error(exc, name) from exc
+        out: list[Any] = []
+        for call, reply in zip(calls, replies):
+            if isinstance(reply, BaseException):
+                reply = resilience.on_error(reply, call.script.name)
+            out.append(reply)
+        self._replied()
+        return out
+
+    def _replied(self) -> None:
+        event = self.resilience.on_reply()
+        if event is not None:
+            self._record(event)
 
 
 class SyncGuard:
