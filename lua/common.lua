@@ -101,12 +101,20 @@ local function read_profile(key, defaults)
   return p
 end
 
--- A token bucket read at time now (microseconds). Tokens never exceed the
+-- A token bucket is one string, "tokens timestamp" (microseconds): a
+-- short string is stored inline with its key, the least memory a tracked
+-- user can cost. A missing bucket reads as full. Tokens never exceed the
 -- capacity, and a clock that went backwards refills nothing: the stored
 -- timestamp is kept until the clock passes it again.
 local function read_bucket(key, capacity, now)
-  local state = redis.call('HMGET', key, 't', 'ts')
-  local tokens, ts = tonumber(state[1]), tonumber(state[2])
+  -- pcall: a key of another type (written by an older layout) is read as
+  -- a full bucket and replaced by the next write, never an error.
+  local state = redis.pcall('GET', key)
+  if type(state) ~= 'string' then
+    return capacity, now
+  end
+  local tokens, ts = string.match(state, '^(%S+) (%S+)$')
+  tokens, ts = tonumber(tokens), tonumber(ts)
   if tokens == nil or ts == nil then
     return capacity, now
   end
@@ -128,9 +136,8 @@ local function write_bucket(key, tokens, ts, capacity, per_us)
     redis.call('DEL', key)
     return
   end
-  redis.call('HSET', key, 't', fstr(tokens), 'ts', fstr(ts))
   local ttl_ms = math.ceil((capacity - tokens) / per_us / 1000) + 1
-  redis.call('PEXPIRE', key, ttl_ms)
+  redis.call('SET', key, fstr(tokens) .. ' ' .. fstr(ts), 'PX', ttl_ms)
 end
 
 -- Drops leases whose expiry (milliseconds) has passed, with their metadata.

@@ -1,8 +1,8 @@
 -- inspect_user.lua: reads a user's live state without changing it.
 --
 -- KEYS[1]  profile hash
--- KEYS[2]  request bucket hash {t, ts}
--- KEYS[3]  start-rate bucket hash {t, ts}
+-- KEYS[2]  request bucket, the string "tokens microseconds"
+-- KEYS[3]  start-rate bucket, likewise
 -- KEYS[4]  leases: sorted set, member = service id, score = expiry (ms)
 -- KEYS[5]  lease metadata hash: service id -> "memory cpu fence"
 -- KEYS[6]  start history: sorted set, score = start (us)

@@ -4,7 +4,7 @@
 -- refilled continuously at that many tokens per minute.
 --
 -- KEYS[1]  profile hash (read only)
--- KEYS[2]  request bucket hash {t = tokens, ts = microseconds}
+-- KEYS[2]  request bucket, the string "tokens microseconds"
 -- KEYS[3]  recent request ids (sorted set, score = microseconds)
 -- ARGV[1]  clock override in microseconds, '' for the server's TIME
 -- ARGV[2]  cost in tokens (> 0, may be fractional)

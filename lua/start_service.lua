@@ -8,7 +8,7 @@
 -- renewed and reserves nothing twice.
 --
 -- KEYS[1]  profile hash (read only)
--- KEYS[2]  start-rate bucket hash {t, ts}
+-- KEYS[2]  start-rate bucket, the string "tokens microseconds"
 -- KEYS[3]  leases: sorted set, member = service id, score = expiry (ms)
 -- KEYS[4]  lease metadata hash: service id -> "memory cpu fence"
 -- KEYS[5]  start history: sorted set, member = fence, score = start (us)

@@ -31,6 +31,10 @@ from .models import (
 from .scripts import ScriptCall, script
 
 HOUR_MS = 3_600_000
+
+#: Seconds a call to Redis may take, retry included, unless a policy says
+#: otherwise.
+DEFAULT_TIMEOUT = 0.25
 MAX_COST = 1e9
 MAX_MEMORY_MB = float(1 << 30)
 MAX_CPU_PERCENT = 1e6
@@ -87,7 +91,7 @@ class Rules:
     rapid_window_ms: int = 60_000
     rapid_threshold: int = 5
     fence_grace_ms: int = HOUR_MS
-    request_id_window_ms: int = 60_000
+    request_id_window_ms: int = 1_000
     clock: Optional[Callable[[], float]] = field(default=None)
 
     def now_arg(self) -> str:
@@ -99,6 +103,18 @@ class Rules:
     def default_args(self) -> tuple[str, ...]:
         """Return the default tier's numbers and name, as scripts take them."""
         return _tier_args(self.default_tier)
+
+
+def request_id_window_ms(timeout: float) -> int:
+    """Return how long, in milliseconds, a debit's request id is kept.
+
+    A debit is sent again only after its connection broke, and only while
+    its deadline (``timeout`` seconds) lasts, so both copies reach Redis
+    within about ``timeout`` of each other; four times that, and never
+    under a second, leaves room for a slow server. Kept no longer, the ids
+    cost an active user a few bytes, and an idle one nothing.
+    """
+    return max(1_000, math.ceil(timeout * 4_000))
 
 
 @cache

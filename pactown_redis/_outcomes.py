@@ -41,6 +41,7 @@ def make_rules(
     default_tier: UserTier,
     rapid_restart_threshold: int,
     clock: Optional[Callable[[], float]],
+    timeout: float = _core.DEFAULT_TIMEOUT,
 ) -> Rules:
     """Validate a policy's options and return the rules it decides by.
 
@@ -61,6 +62,7 @@ def make_rules(
         start_burst=start_burst,
         start_per_minute=float(default_rate_limit),
         rapid_threshold=rapid_restart_threshold,
+        request_id_window_ms=_core.request_id_window_ms(timeout),
         clock=clock,
     )
 

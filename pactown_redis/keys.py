@@ -3,13 +3,15 @@
 Layout, for namespace ``ns`` and an encoded user id ``U``::
 
     ns:{U}:profile    hash     the user's profile (kept until deleted)
-    ns:{U}:rl         hash     request bucket (TTL: time to refill)
-    ns:{U}:sr         hash     start-rate bucket (TTL: time to refill)
+    ns:{U}:rl         string   request bucket "tokens microseconds" (TTL:
+                               time to refill)
+    ns:{U}:sr         string   start-rate bucket, likewise
     ns:{U}:svc        zset     leases, score = expiry in ms
     ns:{U}:svcmeta    hash     lease metadata "memory cpu fence"
     ns:{U}:starts     zset     starts of the last hour
     ns:{U}:fence      hash     fencing counter (TTL: last lease + grace)
-    ns:{U}:reqids     zset     recent request ids, for safe retries
+    ns:{U}:reqids     zset     request ids of the last seconds, for safe
+                               retries (TTL: the id window)
     ns:{U}:strikes    zset     recent offences, for auto-blocking (TTL:
                                the strike window)
     ns:{U}:autoblock  string   end of an automatic block, in microseconds

@@ -53,7 +53,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from . import _cluster
-from ._core import Rules
+from ._core import DEFAULT_TIMEOUT, Rules
 from ._pipeline import AutoPipeline
 from ._validate import check_number
 from .errors import (
@@ -100,7 +100,6 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
-DEFAULT_TIMEOUT = 0.25
 MAX_TIMEOUT = 60.0
 DEFAULT_BREAKER_THRESHOLD = 3
 DEFAULT_BREAKER_COOLDOWN = 2.0

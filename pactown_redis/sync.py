@@ -303,6 +303,7 @@ class SyncSecurityPolicy:
             default_tier=default_tier,
             rapid_restart_threshold=rapid_restart_threshold,
             clock=clock,
+            timeout=check_timeout(timeout),
         )
         self.auto_block = _core.AutoBlock.from_options(
             auto_block_threshold, auto_block_window, auto_block_duration

@@ -34,7 +34,6 @@ STRIKE_WINDOW_S = 600
 BLOCK_S = 600
 START_BURST = 10
 STARTS_PER_MINUTE = 60
-REQUEST_ID_WINDOW_S = 60
 HOUR_S = 3600
 #: Every kind of key that carries a TTL, by the suffix keys.py gives it.
 TIMED_KINDS = (
@@ -115,11 +114,11 @@ def ttl_bound_ms(
 ) -> float:
     """The longest TTL the stored ``content`` of a key may carry, in ms."""
     if suffix == "rl":
-        tokens = float(content[b"t"])
+        tokens = float(content.split()[0])
         assert 0 <= tokens < capacity
         return math.ceil((capacity - tokens) * 60_000 / capacity) + 1
     if suffix == "sr":
-        tokens = float(content[b"t"])
+        tokens = float(content.split()[0])
         assert 0 <= tokens < START_BURST
         per_ms = STARTS_PER_MINUTE / 60_000
         return math.ceil((START_BURST - tokens) / per_ms) + 1
@@ -130,7 +129,7 @@ def ttl_bound_ms(
     if suffix == "starts":
         return HOUR_S * 1000
     if suffix == "reqids":
-        return REQUEST_ID_WINDOW_S * 1000
+        return policy.rules.request_id_window_ms
     if suffix == "strikes":
         assert len(content) < policy.auto_block.threshold
         return STRIKE_WINDOW_S * 1000
