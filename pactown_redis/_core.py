@@ -28,7 +28,7 @@ from .models import (
     finite_or_inf,
     utcnow,
 )
-from .scripts import ScriptCall, script
+from .scripts import PackedArgs, ScriptCall, script
 
 HOUR_MS = 3_600_000
 
@@ -229,14 +229,15 @@ def rate_limit_call(
     return ScriptCall(
         script("rate_limit.lua"),
         (keys.profile, keys.requests, keys.request_ids),
-        [
-            rules.now_arg(),
-            repr(cost),
-            *rules.default_args(),
-            request_id,
-            str(rules.request_id_window_ms),
-        ],
+        (rules.now_arg(), repr(cost), request_id),
+        _rate_tail(rules.default_tier, rules.request_id_window_ms),
     )
+
+
+@cache
+def _rate_tail(tier: UserTier, window_ms: int) -> PackedArgs:
+    # The same on every debit of a policy: encoded once.
+    return PackedArgs.of((str(window_ms), *_tier_args(tier)))
 
 
 def parse_rate_limit(user_id: str, reply: Sequence[Any]) -> RateLimitResult:
@@ -253,8 +254,9 @@ def parse_rate_limit(user_id: str, reply: Sequence[Any]) -> RateLimitResult:
         allowed=status in ("ok", "dup"),
         limit=int(reply[1]),
         remaining=int(reply[2]),
-        retry_after=finite_or_inf(float(text(reply[3]))),
-        reset_after=float(text(reply[4])),
+        # float() reads bytes and str alike, whatever the client decodes.
+        retry_after=finite_or_inf(float(reply[3])),
+        reset_after=float(reply[4]),
     )
 
 

@@ -1,10 +1,13 @@
-"""Automatic pipelining: concurrent script calls share one round trip.
+"""Automatic pipelining: concurrent script calls share round trips.
 
-A policy sends every script call through one :class:`AutoPipeline`. While
-no batch is in flight a call goes out at once, alone; calls that arrive
-while one is in flight wait and leave together as the next batch, in one
-write, and their replies are read back in order. One task alone therefore
-pays one round trip per call, and many tasks pay one round trip per batch.
+A policy sends every script call through one :class:`AutoPipeline`, which
+owns a few connections, its *lanes*. A call that finds a lane free and no
+call waiting goes out at once, alone. Calls that arrive while every lane
+is busy wait, and leave together as the next batch, in one write, on the
+first lane to come free; their replies are read back in order. One task
+alone therefore pays one round trip per call, and many tasks pay one
+round trip per batch. With two lanes, Redis runs one batch while the
+client reads the other's replies and writes the next.
 
 Pipelining changes no decision: each call is still one ``EVALSHA`` that
 Redis runs atomically and on its own; only the packets are shared.
@@ -12,32 +15,43 @@ Redis runs atomically and on its own; only the packets are shared.
 Recovery, per call:
 
 - ``NOSCRIPT`` (the server lost its script cache) means that call did not
-  run; it is sent again alone as ``EVAL``. The rest of its batch ran once
-  and is answered normally.
+  run; it is sent again, alone, as ``EVAL``. The rest of its batch ran
+  once and is answered normally.
 - Any other error reply belongs to its call alone.
 - A broken connection fails the calls whose replies were not read yet.
   Those are sent once more on a new connection, if ``may_retry`` says
   there is time; sending a call twice never applies it twice (see
   :class:`pactown_redis.resilience.AsyncGuard`).
 
-On a standalone server or behind Sentinel the pipeline owns one connection,
-made by the client's pool with the pool's settings (address, TLS,
-credentials, protocol); deadlines are the caller's, not the socket's. On a
-Redis Cluster each batch is split by node by the cluster client.
+Deadlines: each call has its own. A batch is given its most urgent call's
+deadline, and a call whose deadline passed while it waited is answered
+with ``TimeoutError`` without being sent.
+
+On a standalone server or behind Sentinel each lane is one connection
+made by the client's pool, with the pool's settings (address, TLS,
+credentials, protocol). On a Redis Cluster a batch is split by node and
+sent by the cluster client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Coroutine, Optional, Sequence, TypeVar
 
 import redis.exceptions as rx
 
 from ._cluster import is_cluster
 from .scripts import ScriptCall
 
-__all__ = ["AutoPipeline", "MAX_BATCH"]
+__all__ = ["AutoPipeline", "LANES", "MAX_BATCH"]
+
+T = TypeVar("T")
+
+#: Batches in flight at once. Two keep both Redis and the client busy;
+#: more only split the same work into smaller batches.
+LANES = 2
 
 #: The most calls one batch carries; more wait for the next batch, so one
 #: burst cannot build a reply larger than the client reads comfortably.
@@ -51,11 +65,11 @@ _CLUSTER_MOVING = (
     rx.SlotNotCoveredError,
 )
 
-# Calls waiting for a batch, each with the future its caller awaits.
-_Waiting = list[tuple[ScriptCall, "asyncio.Future[Any]"]]
+# A call waiting for a batch: the future its caller awaits and the loop
+# time by which the caller must have its answer.
+_Waiting = tuple[ScriptCall, "asyncio.Future[Any]", float]
 
-
-# A call's place in the replies before its reply is read.
+# A call's place among the replies before its reply is read.
 _UNSENT = object()
 
 
@@ -76,129 +90,151 @@ class AutoPipeline:
         may_retry: called with a connection's failure and the monotonic
             time the batch was first sent; returns whether the unanswered
             calls may be sent once more now.
+        lanes: batches in flight at once (each on its own connection).
     """
 
     def __init__(
         self,
         client: Any,
         may_retry: Callable[[BaseException, float], bool],
+        lanes: int = LANES,
     ) -> None:
         self._client = client
         self._cluster = is_cluster(client)
         self._may_retry = may_retry
-        self._conn: Any = None
+        self._lanes = lanes
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._busy = False
-        self._waiting: _Waiting = []
+        self._reset()
+
+    def _reset(self) -> None:
+        # Connections and futures belong to one event loop.
+        self._conns: list[Any] = [None] * self._lanes
+        self._free = list(range(self._lanes))
+        self._waiting: list[_Waiting] = []
+        self._drainers: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        """Close the pipeline's own connection; calls after this open a new
-        one."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.disconnect()
+        """Close the lanes' connections; a later call opens new ones."""
+        conns, self._conns = self._conns, [None] * self._lanes
+        for conn in conns:
+            if conn is not None:
+                await conn.disconnect()
 
-    # -- public ---------------------------------------------------------------
+    # -- calls ------------------------------------------------------------------
 
-    async def call(self, call: ScriptCall) -> Any:
-        """Return the reply of ``call``.
+    async def call(self, call: ScriptCall, timeout: float) -> Any:
+        """Return the reply of ``call``, within ``timeout`` seconds.
 
         Raises:
+            asyncio.TimeoutError: no reply in time.
             redis.exceptions.RedisError: the call's error reply, or the
                 connection's failure.
             OSError: the connection failed.
         """
-        self._bind_loop()
-        if self._busy:
-            return await self._wait_for_batch(call)
-        self._busy = True
-        try:
-            reply = (await self._send([call]))[0]
-        finally:
-            self._next_batch()
-        if isinstance(reply, _Failed):
-            raise reply.error
+        reply = (await self.call_many((call,), timeout))[0]
+        if isinstance(reply, BaseException):
+            raise reply
         return reply
 
-    async def call_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
-        """Return the replies of ``calls``, in order, sent in one batch when
-        nothing else is in flight. A call's error reply takes its place in
-        the list as the exception; a failed connection raises.
+    async def call_many(
+        self, calls: Sequence[ScriptCall], timeout: float
+    ) -> list[Any]:
+        """Return the replies of ``calls``, in order, within ``timeout``
+        seconds. They leave together, at once when a lane is free. A
+        call's error reply, or its failure, takes its place in the list.
 
         Raises:
-            redis.exceptions.RedisError, OSError: the connection failed.
+            asyncio.TimeoutError: no reply in time (sent at once).
+            redis.exceptions.RedisError, OSError: the connection failed
+                (sent at once).
         """
-        self._bind_loop()
+        loop = self._bind_loop()
         if not calls:
             return []
-        if self._busy:
-            futures = [self._enqueue(call) for call in calls]
-            return list(
-                await asyncio.gather(*futures, return_exceptions=True)
-            )
-        self._busy = True
-        try:
-            replies = await self._send(list(calls))
-        finally:
-            self._next_batch()
-        return [r.error if isinstance(r, _Failed) else r for r in replies]
+        deadline = loop.time() + timeout
+        if self._free and not self._waiting:
+            lane = self._free.pop()
+            try:
+                replies = await _until(deadline, self._send(lane, list(calls)))
+            finally:
+                self._done_with(lane)
+            return [r.error if isinstance(r, _Failed) else r for r in replies]
+        futures = [self._enqueue(call, deadline) for call in calls]
+        if self._free and not self._drainers:
+            # A lane is free but nobody serves the queue (its drainer was
+            # cancelled): this caller starts one.
+            self._done_with(self._free.pop())
+        if len(futures) == 1:
+            # Awaited directly, a cancelled caller cancels its future, and
+            # the batch then leaves the call out.
+            try:
+                return [await futures[0]]
+            except (rx.RedisError, OSError) as exc:
+                return [exc]
+        await asyncio.wait(futures)
+        return [_outcome(future) for future in futures]
 
-    # -- waiting --------------------------------------------------------------
+    # -- waiting ----------------------------------------------------------------
 
-    def _bind_loop(self) -> None:
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
-        if loop is self._loop:
-            return
-        # A connection and futures belong to one event loop; a policy
-        # moved to another loop (a test's, a thread's) starts afresh.
-        self._loop = loop
-        self._conn = None
-        self._busy = False
-        self._waiting = []
+        if loop is not self._loop:
+            # A policy moved to another loop (a test's, a thread's) starts
+            # afresh; the old loop's connections cannot be used from here.
+            self._loop = loop
+            self._reset()
+        return loop
 
-    def _enqueue(self, call: ScriptCall) -> "asyncio.Future[Any]":
+    def _enqueue(self, call: ScriptCall, deadline: float) -> "asyncio.Future[Any]":
         assert self._loop is not None
         future = self._loop.create_future()
-        self._waiting.append((call, future))
+        self._waiting.append((call, future, deadline))
         return future
 
-    async def _wait_for_batch(self, call: ScriptCall) -> Any:
-        return await self._enqueue(call)
-
-    def _next_batch(self) -> None:
+    def _done_with(self, lane: int) -> None:
+        # A lane that comes free serves the calls that waited for it.
         if not self._waiting:
-            self._busy = False
+            self._free.append(lane)
             return
         assert self._loop is not None
-        self._loop.create_task(self._drain(), name="pactown-redis pipeline")
+        task = self._loop.create_task(
+            self._drain(lane), name="pactown-redis pipeline"
+        )
+        self._drainers.add(task)
+        task.add_done_callback(self._drainers.discard)
 
-    async def _drain(self) -> None:
-        # Runs while calls keep arriving; each pass sends what arrived
-        # during the previous one.
+    async def _drain(self, lane: int) -> None:
+        assert self._loop is not None
         try:
             while self._waiting:
-                waiting = self._waiting[:MAX_BATCH]
+                batch = self._waiting[:MAX_BATCH]
                 del self._waiting[:MAX_BATCH]
-                live = [(c, f) for c, f in waiting if not f.done()]
+                now = self._loop.time()
+                for _, future, deadline in batch:
+                    if deadline <= now and not future.done():
+                        future.set_exception(asyncio.TimeoutError())
+                live = [each for each in batch if not each[1].done()]
                 if live:
-                    await self._answer(live)
+                    await self._answer(lane, live)
         finally:
-            self._busy = False
-            if self._waiting:
-                self._busy = True
-                self._next_batch()
+            self._free.append(lane)
 
-    async def _answer(self, waiting: _Waiting) -> None:
+    async def _answer(self, lane: int, batch: list[_Waiting]) -> None:
+        # One deadline for the batch, its most urgent call's: a call that
+        # waited for the previous batch has less time left than a new one.
+        deadline = min(deadline for _, _, deadline in batch)
         try:
-            replies = await self._send([call for call, _ in waiting])
+            replies = await _until(
+                deadline, self._send(lane, [call for call, _, _ in batch])
+            )
         except BaseException as exc:
-            for _, future in waiting:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(_copy_error(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for (_, future), reply in zip(waiting, replies):
+        for (_, future, _), reply in zip(batch, replies):
             if future.done():
                 continue
             if isinstance(reply, _Failed):
@@ -206,61 +242,64 @@ class AutoPipeline:
             else:
                 future.set_result(reply)
 
-    # -- sending --------------------------------------------------------------
+    # -- sending ----------------------------------------------------------------
 
-    async def _send(self, calls: list[ScriptCall]) -> list[Any]:
+    async def _send(self, lane: int, calls: list[ScriptCall]) -> list[Any]:
         started = time.monotonic()
         replies: list[Any] = [_UNSENT] * len(calls)
         try:
-            await self._exchange(calls, replies)
+            await self._exchange(lane, calls, replies)
         except rx.ConnectionError as exc:
             if not self._may_retry(exc, started):
                 raise
             # The unanswered calls may or may not have run; each is safe
             # to send again, and the replies already read are kept.
-            await self._exchange(calls, replies)
+            await self._exchange(lane, calls, replies)
         return replies
 
-    async def _exchange(self, calls: list[ScriptCall], replies: list[Any]) -> None:
+    async def _exchange(
+        self, lane: int, calls: list[ScriptCall], replies: list[Any]
+    ) -> None:
         unsent = [i for i, reply in enumerate(replies) if reply is _UNSENT]
-        await self._pipeline(
-            [("EVALSHA", *calls[i].evalsha_args()) for i in unsent],
-            unsent,
-            replies,
-        )
+        await self._pipeline(lane, calls, unsent, replies, cached=True)
         # Refused with NOSCRIPT, a call did not run; EVAL runs it once and
         # caches the script again. The rest of the batch is not re-sent.
         unknown = [i for i in unsent if _no_script(replies[i])]
         if unknown:
             for i in unknown:
                 replies[i] = _UNSENT
-            await self._pipeline(
-                [("EVAL", *calls[i].eval_args()) for i in unknown],
-                unknown,
-                replies,
-            )
+            await self._pipeline(lane, calls, unknown, replies, cached=False)
 
     async def _pipeline(
         self,
-        commands: list[tuple[Any, ...]],
-        slots: Sequence[int],
+        lane: int,
+        calls: list[ScriptCall],
+        indexes: Sequence[int],
         replies: list[Any],
+        *,
+        cached: bool,
     ) -> None:
-        # Sends ``commands`` in one write and stores the reply of the n-th
-        # in ``replies[slots[n]]``.
+        # Sends the calls at ``indexes`` in one write, as EVALSHA when the
+        # script is ``cached``, else as EVAL, and stores each reply at its
+        # call's index.
         if self._cluster:
-            await self._cluster_pipeline(commands, slots, replies)
+            commands = [_command(calls[i], cached) for i in indexes]
+            await self._cluster_pipeline(commands, indexes, replies)
             return
-        conn = await self._connection()
+        conn = self._connection(lane)
         try:
             if not conn.is_connected:
                 # connect() is what a Sentinel-managed connection overrides
                 # to ask the sentinels where the primary is.
                 await conn.connect()
-            await conn.send_packed_command(
-                conn.pack_commands(commands), check_health=False
-            )
-            for i in slots:
+            if cached:
+                packed = [calls[i].packed_evalsha() for i in indexes]
+            else:
+                packed = conn.pack_commands(
+                    [_command(calls[i], cached) for i in indexes]
+                )
+            await conn.send_packed_command(packed, check_health=False)
+            for i in indexes:
                 try:
                     replies[i] = await conn.read_response()
                 except rx.ResponseError as exc:
@@ -268,14 +307,14 @@ class AutoPipeline:
         except BaseException:
             # A reply may still be on its way; the connection cannot be
             # reused without reading it, so it is dropped.
-            self._conn = None
+            self._conns[lane] = None
             await _drop(conn)
             raise
 
     async def _cluster_pipeline(
         self,
         commands: list[tuple[Any, ...]],
-        slots: Sequence[int],
+        indexes: Sequence[int],
         replies: list[Any],
     ) -> None:
         # The cluster client splits the batch by node and follows MOVED
@@ -293,18 +332,41 @@ class AutoPipeline:
             # it map the cluster again before its next command.
             await self._client.aclose()
             raise
-        for i, result in zip(slots, results):
+        for i, result in zip(indexes, results):
             failed = isinstance(result, Exception)
             replies[i] = _Failed(result) if failed else result
 
-    async def _connection(self) -> Any:
-        if self._conn is None:
+    def _connection(self, lane: int) -> Any:
+        conn = self._conns[lane]
+        if conn is None:
             conn = self._client.connection_pool.make_connection()
-            # Deadlines are enforced per call by the caller; a socket
-            # timeout on top would only add a timer to every read.
+            # Every call carries its own deadline; a socket timeout on top
+            # would only add a timer to every read.
             conn.socket_timeout = None
-            self._conn = conn
-        return self._conn
+            self._conns[lane] = conn
+        return conn
+
+
+async def _until(deadline: float, work: Coroutine[Any, Any, T]) -> T:
+    # The deadline is the event loop's time.
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout_at(deadline):
+            return await work
+    remaining = deadline - asyncio.get_running_loop().time()
+    return await asyncio.wait_for(work, max(0.0, remaining))  # pragma: no cover
+
+
+def _outcome(future: "asyncio.Future[Any]") -> Any:
+    # A settled future's result, or its exception as a value.
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception() or future.result()
+
+
+def _command(call: ScriptCall, cached: bool) -> tuple[Any, ...]:
+    if cached:
+        return ("EVALSHA", *call.evalsha_args())
+    return ("EVAL", *call.eval_args())
 
 
 def _no_script(reply: Any) -> bool:

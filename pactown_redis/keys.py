@@ -42,6 +42,9 @@ __all__ = ["KeySpace", "UserKeys", "decode_user", "encode_user"]
 
 _SAFE = "_.-~@"
 
+#: Users whose keys a :class:`KeySpace` remembers.
+MAX_REMEMBERED_USERS = 4096
+
 
 def encode_user(user_id: str) -> str:
     """Return the key-safe form of a (validated) user id."""
@@ -91,16 +94,35 @@ class KeySpace:
         InvalidIdError: a bad namespace or user id.
     """
 
-    __slots__ = ("namespace", "anomalies", "dead_anomalies", "_prefix")
+    __slots__ = ("namespace", "anomalies", "dead_anomalies", "_prefix", "_known")
 
     def __init__(self, namespace: str) -> None:
         self.namespace = check_namespace(namespace)
         self._prefix = namespace + ":"
         self.anomalies = self._prefix + "anomalies"
         self.dead_anomalies = self.anomalies + ":dead"
+        self._known: dict[str, UserKeys] = {}
 
     def user(self, user_id: str) -> UserKeys:
         """Return the keys of ``user_id`` after validating it."""
+        # Every decision asks for its user's keys: the users seen lately
+        # are remembered, so a busy user's id is checked and encoded once.
+        # Only a str that passed the checks is ever stored.
+        if type(user_id) is str:
+            keys = self._known.get(user_id)
+            if keys is not None:
+                return keys
+        keys = self._build(user_id)
+        if type(user_id) is not str:
+            return keys
+        if len(self._known) >= MAX_REMEMBERED_USERS:
+            # Dropping the oldest half keeps the cost of a miss constant.
+            for old in list(self._known)[: MAX_REMEMBERED_USERS // 2]:
+                self._known.pop(old, None)
+        self._known[user_id] = keys
+        return keys
+
+    def _build(self, user_id: str) -> UserKeys:
         base = "%s{%s}:" % (
             self._prefix,
             encode_user(check_id(user_id, "user_id")),

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["Script", "ScriptCall", "script"]
+__all__ = ["NO_ARGS", "PackedArgs", "Script", "ScriptCall", "script"]
 
 _PRELUDE = "common.lua"
 
@@ -50,17 +50,70 @@ def script(name: str) -> Script:
 
 
 @dataclass(frozen=True, slots=True)
+class PackedArgs:
+    """Arguments that end many calls alike, encoded once.
+
+    Build one with :meth:`of` and keep it: the encoding is done there.
+    """
+
+    values: tuple[str, ...]
+    packed: bytes
+
+    @classmethod
+    def of(cls, values: Sequence[str]) -> "PackedArgs":
+        """Return ``values`` with their encoding."""
+        return cls(tuple(values), b"".join(_bulk(v.encode()) for v in values))
+
+
+NO_ARGS = PackedArgs((), b"")
+
+
+@dataclass(frozen=True, slots=True)
 class ScriptCall:
-    """A script with the keys and arguments of one call."""
+    """A script with the keys and arguments of one call; ``tail`` follows
+    ``args``."""
 
     script: Script
     keys: Sequence[str]
     args: Sequence[Any]
+    tail: PackedArgs = NO_ARGS
 
     def evalsha_args(self) -> tuple[Any, ...]:
         """Return the positional arguments of ``EVALSHA``."""
-        return (self.script.sha, len(self.keys), *self.keys, *self.args)
+        return (
+            self.script.sha, len(self.keys), *self.keys, *self.args,
+            *self.tail.values,
+        )
 
     def eval_args(self) -> tuple[Any, ...]:
         """Return the positional arguments of ``EVAL``."""
-        return (self.script.source, len(self.keys), *self.keys, *self.args)
+        return (
+            self.script.source, len(self.keys), *self.keys, *self.args,
+            *self.tail.values,
+        )
+
+    def packed_evalsha(self) -> bytes:
+        """Return this call's ``EVALSHA`` command in the Redis protocol.
+
+        Keys and arguments are ``str`` (sent as UTF-8) or ``bytes``.
+        """
+        keys, args, tail = self.keys, self.args, self.tail
+        count = 3 + len(keys) + len(args) + len(tail.values)
+        parts = [
+            b"*%d\r\n$7\r\nEVALSHA\r\n" % count,
+            _packed_sha(self.script.sha),
+            _bulk(b"%d" % len(keys)),
+        ]
+        for value in (*keys, *args):
+            parts.append(_bulk(value if type(value) is bytes else value.encode()))
+        parts.append(tail.packed)
+        return b"".join(parts)
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+@cache
+def _packed_sha(sha: str) -> bytes:
+    return _bulk(sha.encode("ascii"))
