@@ -11,6 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 readonly MIN_REDIS_MAJOR=7
 readonly VENV=.venv
 readonly STAMP="$VENV/.installed"
+# test: the suite; bench: the peers benchmarks/compare.py measures.
+readonly EXTRAS="test,bench"
 
 die() {
     echo "setup: $*" >&2
@@ -83,14 +85,17 @@ make_venv() {
 }
 
 install_project() {
-    if [ -f "$STAMP" ] && [ ! pyproject.toml -nt "$STAMP" ] \
+    # The stamp records the extras it was made with, so that a venv made
+    # before an extra was added here is brought up to date.
+    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$EXTRAS" ] \
+        && [ ! pyproject.toml -nt "$STAMP" ] \
         && [ ! constraints.txt -nt "$STAMP" ]; then
         return
     fi
     # Pinned, so that every run tests the same versions.
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c constraints.txt -e '.[test]'
-    touch "$STAMP"
+        -c constraints.txt -e ".[$EXTRAS]"
+    echo "$EXTRAS" >"$STAMP"
 }
 
 install_system_tools
