@@ -77,7 +77,6 @@ KEY_NAMES = (
     "lease_meta",
     "starts",
     "fence",
-    "request_ids",
 )
 
 

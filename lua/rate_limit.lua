@@ -5,15 +5,17 @@
 --
 -- KEYS[1]  profile hash (read only)
 -- KEYS[2]  request bucket, the string "tokens microseconds"
--- KEYS[3]  recent request ids (sorted set, score = microseconds)
+-- KEYS[3]  this debit's request marker (a string; unused without an id)
 -- ARGV[1]  clock override in microseconds, '' for the server's TIME
 -- ARGV[2]  cost in tokens (> 0, may be fractional)
--- ARGV[3..7]  default profile: concurrent, memory MB, CPU %,
---             requests/minute, starts/hour (used when no profile exists)
--- ARGV[8]  default tier name
--- ARGV[9]  request id, '' for none; a debit with an id already seen within
+-- ARGV[3]  request id, '' for none; a debit with an id already seen within
 --          the window is not applied again
--- ARGV[10] request id window in milliseconds
+-- ARGV[4]  request id window in milliseconds
+-- ARGV[5..9]  default profile: concurrent, memory MB, CPU %,
+--             requests/minute, starts/hour (used when no profile exists)
+-- ARGV[10] default tier name
+-- (ARGV[4..10] are the same on every call of a policy, so the client
+-- encodes them once.)
 --
 -- Returns {status, limit, remaining, retry_after, reset_after}:
 --   status       'ok', 'deny', 'dup' (already applied) or 'corrupt'
@@ -25,17 +27,17 @@
 -- For 'corrupt', slot 2 names the profile field that failed to parse.
 --
 -- Writes: the bucket (TTL = time to refill; deleted when full) and, with a
--- request id, the id set (TTL = the window; expired ids are pruned then).
+-- request id, its marker (TTL = the window).
 -- Nothing is written on denial, so a server out of memory refuses the
 -- first write and nothing is half-done.
 
-local profile_key, bucket_key, ids_key = KEYS[1], KEYS[2], KEYS[3]
+local profile_key, bucket_key, marker_key = KEYS[1], KEYS[2], KEYS[3]
 local clock = ARGV[1]
 local cost = tonumber(ARGV[2])
-local defaults = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
-                  tonumber(ARGV[6]), tonumber(ARGV[7]), tier = ARGV[8]}
-local request_id = ARGV[9]
-local window_ms = tonumber(ARGV[10])
+local request_id = ARGV[3]
+local window_ms = tonumber(ARGV[4])
+local defaults = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+                  tonumber(ARGV[8]), tonumber(ARGV[9]), tier = ARGV[10]}
 
 local profile, bad_field = read_profile(profile_key, defaults)
 if not profile then
@@ -55,12 +57,10 @@ local function reply(status, retry_us)
   return {status, capacity, math.floor(tokens), retry, fstr(reset_us / 1e6)}
 end
 
-local ids_cutoff = now - window_ms * 1000
-if request_id ~= '' then
-  local seen = tonumber(redis.call('ZSCORE', ids_key, request_id))
-  if seen and seen > ids_cutoff then
-    return reply('dup', 0)
-  end
+-- A marker per debit, not a set of ids per user: one key that expires on
+-- its own costs two cheap commands, where a set would need pruning.
+if request_id ~= '' and redis.call('EXISTS', marker_key) == 1 then
+  return reply('dup', 0)
 end
 
 if cost > capacity then
@@ -73,8 +73,6 @@ end
 tokens = tokens - cost
 write_bucket(bucket_key, tokens, ts, capacity, per_us)
 if request_id ~= '' then
-  redis.call('ZREMRANGEBYSCORE', ids_key, '-inf', fstr(ids_cutoff))
-  redis.call('ZADD', ids_key, fstr(now), request_id)
-  redis.call('PEXPIRE', ids_key, window_ms)
+  redis.call('SET', marker_key, '1', 'PX', window_ms)
 end
 return reply('ok', 0)

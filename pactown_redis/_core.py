@@ -228,7 +228,7 @@ def rate_limit_call(
     cost = check_number(cost, "cost", low=0, high=MAX_COST, low_open=True)
     return ScriptCall(
         script("rate_limit.lua"),
-        (keys.profile, keys.requests, keys.request_ids),
+        (keys.profile, keys.requests, keys.request(request_id)),
         (rules.now_arg(), repr(cost), request_id),
         _rate_tail(rules.default_tier, rules.request_id_window_ms),
     )

@@ -37,7 +37,7 @@ STARTS_PER_MINUTE = 60
 HOUR_S = 3600
 #: Every kind of key that carries a TTL, by the suffix keys.py gives it.
 TIMED_KINDS = (
-    "rl", "sr", "svc", "svcmeta", "fence", "starts", "reqids", "strikes",
+    "rl", "sr", "svc", "svcmeta", "fence", "starts", "rq", "strikes",
     "autoblock",
 )
 #: Redis's default stream-node-max-entries.
@@ -128,7 +128,7 @@ def ttl_bound_ms(
         return (LEASE_S + GRACE_S) * 1000
     if suffix == "starts":
         return HOUR_S * 1000
-    if suffix == "reqids":
+    if suffix == "rq":
         return policy.rules.request_id_window_ms
     if suffix == "strikes":
         assert len(content) < policy.auto_block.threshold
@@ -171,8 +171,10 @@ async def check_every_key(client, policy, profiles) -> Counter[str]:
         content, pttl = await read(client, key)
         if content is None:
             continue
-        tag, suffix = key[len(prefix):].decode().rsplit(":", 1)
-        user = decode_user(tag.strip("{}"))
+        tag, suffix = key[len(prefix):].decode().split("}:", 1)
+        user = decode_user(tag.lstrip("{"))
+        if suffix.startswith("rq:"):
+            suffix = "rq"
         if suffix == "profile":
             assert pttl == -1, key
             continue
