@@ -434,7 +434,10 @@ class Memory:
 
 
 def key_kind(key: str) -> str:
-    return re.sub(r"tenant-\d+", "*", key)
+    """The key with its tenant as ``*`` and any hexadecimal id (a request
+    id in a key name) as ``<id>``, so that keys of one kind group."""
+    key = re.sub(r"tenant-\d+", "*", key)
+    return re.sub(r"(?<=:)[0-9a-f]{8,}(?=:|$)", "<id>", key)
 
 
 async def key_census(
@@ -815,7 +818,8 @@ def markdown(report: dict[str, Any], cols: list[tuple[int, int]]) -> str:
     lines = [
         "# pactown-redis and its peers, side by side",
         "",
-        f"Made by `{report['command']}` on {report['date']}.",
+        f"Made by `{report['command']}` on {report['date']}, at commit "
+        f"{report['revision']}.",
         "",
         f"Machine: {machine['cores']} cores ({machine['cpu']}), "
         f"Python {machine['python']}, redis-server {machine['redis']}, "
@@ -962,7 +966,10 @@ def markdown(report: dict[str, Any], cols: list[tuple[int, int]]) -> str:
             lines.append(f"| {title} | {entry['error']} | | | | |")
             continue
         kinds = ", ".join(
-            f"`{kind}` {size:.0f}" for kind, size in entry["key_bytes"].items()
+            f"`{kind}` {entry['key_bytes'][kind]:.0f}"
+            for kind in sorted(
+                entry["key_bytes"], key=lambda k: -entry["key_counts"][k]
+            )[:4]
         )
         lines.append(
             f"| {title} "
@@ -1067,6 +1074,20 @@ def machine_facts(server_info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def revision() -> str:
+    """The checkout's commit, marked ``+changes`` when the package or its
+    scripts differ from it (the figures are of the working tree)."""
+    def git(*words: str) -> str:
+        done = subprocess.run(
+            ["git", *words], cwd=ROOT, capture_output=True, text=True
+        )
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "pactown_redis", "lua")
+    return commit + ("+changes" if changed else "")
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from servers import RedisServer
 
@@ -1080,6 +1101,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 timespec="seconds"
             ),
             "machine": machine_facts(info),
+        "revision": revision(),
             "seconds": args.seconds,
             "tenants": args.tenants,
             "memory_tenants": args.memory_tenants,
