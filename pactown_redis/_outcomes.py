@@ -185,6 +185,46 @@ def rate_decision(
     return result, (rate_denied_event(user_id, cost, result),)
 
 
+#: The most debits one :meth:`check_many` call takes.
+MAX_MANY = 10_000
+
+
+def many_calls(
+    rules: Rules, requests: Any, request_id: Callable[[], str]
+) -> list[tuple[str, float, ScriptCall]]:
+    """Validate the requests of a ``check_many`` call and build their
+    debits: ``(user_id, cost, call)`` in order.
+
+    Each request is a user id (cost 1) or a ``(user_id, cost)`` pair.
+
+    Raises:
+        InvalidInputError: not a list or tuple, too many requests, or a bad
+            request, id or cost (nothing is sent then).
+    """
+    if not isinstance(requests, (list, tuple)):
+        raise InvalidInputError(
+            f"requests must be a list or tuple, not {type(requests).__name__}"
+        )
+    if len(requests) > MAX_MANY:
+        raise InvalidInputError(
+            f"{len(requests)} requests in one call; the limit is {MAX_MANY}"
+        )
+    built = []
+    for number, request in enumerate(requests):
+        if isinstance(request, str):
+            user_id, cost = request, 1.0
+        elif isinstance(request, tuple) and len(request) == 2:
+            user_id, cost = request
+        else:
+            raise InvalidInputError(
+                f"request {number} must be a user id or a (user_id, cost) "
+                f"pair, not {request!r:.80}"
+            )
+        call = _core.rate_limit_call(rules, user_id, cost, request_id())
+        built.append((user_id, float(cost), call))
+    return built
+
+
 # -- service starts ----------------------------------------------------------
 
 

@@ -115,6 +115,8 @@ class AutoPipeline:
 
     async def close(self) -> None:
         """Close the lanes' connections; a later call opens new ones."""
+        # Connections of another (perhaps closed) loop are only forgotten.
+        self._bind_loop()
         conns, self._conns = self._conns, [None] * self._lanes
         for conn in conns:
             if conn is not None:
@@ -152,7 +154,7 @@ class AutoPipeline:
         if not calls:
             return []
         deadline = loop.time() + timeout
-        if self._free and not self._waiting:
+        if self._free and not self._waiting and len(calls) <= MAX_BATCH:
             lane = self._free.pop()
             try:
                 replies = await _until(deadline, self._send(lane, list(calls)))

@@ -358,6 +358,43 @@ class SecurityPolicy:
             self.anomalies.record(event)
         return result
 
+    async def check_many(
+        self, requests: Sequence[Union[str, tuple[str, float]]]
+    ) -> list[RateLimitResult]:
+        """Debit many requests in one round trip; return their results in
+        order.
+
+        Each request is a user id (cost 1) or a ``(user_id, cost)`` pair;
+        one user may appear many times, and is debited in order. Each debit
+        is decided exactly as :meth:`check_rate_limit` decides it, denials
+        and their anomalies included; the debits only share the trip to
+        Redis. Without Redis in time, every result comes from
+        ``rate_limit_fail_mode``.
+
+        Raises:
+            InvalidInputError: a bad request, id or cost, or more than
+                10 000 requests; nothing is debited then.
+            BackendError: Redis answered with an unexpected error.
+        """
+        debits = _outcomes.many_calls(self.rules, requests, new_request_id)
+        try:
+            replies = await self._guard.run_many([call for *_, call in debits])
+        except RedisUnavailableError:
+            replies = [None] * len(debits)
+        results = []
+        for (user_id, cost, _), reply in zip(debits, replies):
+            if reply is None or isinstance(reply, RedisUnavailableError):
+                results.append(self.resilience.rate_limit(user_id, cost))
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            result, events = _outcomes.rate_decision(user_id, cost, reply)
+            self.resilience.remember_limit(user_id, result.limit)
+            for event in events:
+                self.anomalies.record(event)
+            results.append(result)
+        return results
+
     # -- services ----------------------------------------------------------------
 
     async def check_can_start_service(

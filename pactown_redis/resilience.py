@@ -31,14 +31,13 @@ import asyncio
 import logging
 import math
 import random
-import sys
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, Callable, Coroutine, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 from redis import Redis, RedisCluster
 from redis import exceptions as rx
@@ -985,11 +984,15 @@ class AsyncGuard:
         except _FAILURES as exc:
             raise resilience.on_error(exc, name) from exc
         out: list[Any] = []
+        answered = False
         for call, reply in zip(calls, replies):
             if isinstance(reply, BaseException):
                 reply = resilience.on_error(reply, call.script.name)
+            else:
+                answered = True
             out.append(reply)
-        self._replied()
+        if answered:
+            self._replied()
         return out
 
     def _replied(self) -> None:
@@ -1051,6 +1054,52 @@ class SyncGuard:
             if not (retryable(exc) and deadline.allows_retry()):
                 raise
         return _evalsha_sync(client, call)
+
+    def run_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Return the replies of ``calls`` in order, sent in one pipeline;
+        as :meth:`AsyncGuard.run_many`."""
+        resilience = self.resilience
+        name = calls[0].script.name if calls else "batch"
+        resilience.admit(name)
+        deadline = Deadline.after(resilience.timeout)
+        try:
+            try:
+                replies = _pipeline_sync(self._client, calls)
+            except rx.ConnectionError as exc:
+                if not (retryable(exc) and deadline.allows_retry()):
+                    raise
+                # Every call is safe to send twice (see AsyncGuard).
+                replies = _pipeline_sync(self._client, calls)
+        except (rx.RedisError, OSError) as exc:
+            raise resilience.on_error(exc, name) from exc
+        out: list[Any] = []
+        for call, reply in zip(calls, replies):
+            if isinstance(reply, BaseException):
+                reply = resilience.on_error(reply, call.script.name)
+            out.append(reply)
+        if len(out) > sum(isinstance(r, BaseException) for r in out):
+            event = resilience.on_reply()
+            if event is not None:
+                self._record(event)
+        return out
+
+
+def _pipeline_sync(client: Any, calls: Sequence[ScriptCall]) -> list[Any]:
+    # One round trip for the batch; a call refused with NOSCRIPT did not
+    # run and is sent again alone as EVAL, which caches the script.
+    pipe = client.pipeline(transaction=False)
+    for call in calls:
+        pipe.execute_command("EVALSHA", *call.evalsha_args())
+    replies = pipe.execute(raise_on_error=False)
+    for i, reply in enumerate(replies):
+        if isinstance(reply, rx.ConnectionError):
+            raise reply
+        if isinstance(reply, rx.NoScriptError):
+            try:
+                replies[i] = client.eval(*calls[i].eval_args())
+            except rx.ResponseError as exc:
+                replies[i] = exc
+    return list(replies)
 
 
 def _evalsha_sync(client: Any, call: ScriptCall) -> Any:

@@ -519,6 +519,30 @@ class SyncSecurityPolicy:
             self.anomalies.record(event)
         return result
 
+    def check_many(
+        self, requests: Sequence[Union[str, tuple[str, float]]]
+    ) -> list[RateLimitResult]:
+        """Debit many requests in one round trip; as
+        :meth:`SecurityPolicy.check_many`."""
+        debits = _outcomes.many_calls(self.rules, requests, new_request_id)
+        try:
+            replies = self._guard.run_many([call for *_, call in debits])
+        except RedisUnavailableError:
+            replies = [None] * len(debits)
+        results = []
+        for (user_id, cost, _), reply in zip(debits, replies):
+            if reply is None or isinstance(reply, RedisUnavailableError):
+                results.append(self.resilience.rate_limit(user_id, cost))
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            result, events = _outcomes.rate_decision(user_id, cost, reply)
+            self.resilience.remember_limit(user_id, result.limit)
+            for event in events:
+                self.anomalies.record(event)
+            results.append(result)
+        return results
+
     # -- services ----------------------------------------------------------------
 
     def check_can_start_service(

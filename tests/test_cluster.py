@@ -297,6 +297,24 @@ async def test_users_spread_over_every_primary_one_slot_each(
         assert has_scripts(cluster, port) == [True, True]
 
 
+async def test_batches_are_split_by_node(cluster, make_policy):
+    """check_many and concurrent calls over users of every primary, after a
+    SCRIPT FLUSH everywhere: each debit applied once, on its own node."""
+    for port in cluster.primaries():
+        with cluster.node(port).probe() as node:
+            node.script_flush()
+    policy = make_policy()
+    users = [f"batch-{i}" for i in range(60)]
+    results = await policy.check_many([(u, 2) for u in users] + users)
+    assert [r.remaining for r in results] == [18] * 60 + [17] * 60
+    concurrent = await asyncio.gather(
+        *(policy.check_rate_limit(u) for u in users)
+    )
+    assert [r.remaining for r in concurrent] == [16] * 60
+    for user in users[:5]:
+        assert (await policy.get_user_state(user)).tokens == 16
+
+
 # -- failures ----------------------------------------------------------------
 
 
