@@ -27,7 +27,8 @@ the client's floor (a bare ``EVALSHA`` of ``return 1``):
   pause, and ``MEMORY USAGE`` of a sample of each kind of key.
 
 The server's ceiling is ``redis-benchmark`` (50 clients, random tenants)
-running ``EVALSHA`` of pactown-redis's own ``rate_limit.lua``.
+running ``EVALSHA`` of pactown-redis's own ``rate_limit.lua``, one call per
+round trip and, as a second line, ``--batch`` calls per round trip.
 
 Every figure also appears as a ratio to the best peer of the same run.
 Results go to ``benchmarks/results/`` (``--out``): ``latest.json``,
@@ -555,13 +556,15 @@ async def measure_memory(
 # -- the ceiling: redis-benchmark ---------------------------------------------
 
 
-def ceiling_command(server: Any, tenants: int, requests: int) -> list[str]:
+def ceiling_command(
+    server: Any, tenants: int, requests: int, pipeline: int = 1
+) -> list[str]:
     """redis-benchmark running ``rate_limit.lua`` by SHA as a policy whose
     tenants have no stored profile and the ADMIN tier by default would:
     a random tenant out of ``tenants`` per call (each ``__rand_int__`` is
     drawn on its own, so the profile, bucket and request-id keys of one
     call belong to different tenants, which a script does not mind on one
-    server), a random request id."""
+    server), a random request id; ``pipeline`` calls per round trip."""
     rules = _outcomes.make_rules(
         namespace="bench-ceiling",
         default_rate_limit=60,
@@ -581,6 +584,7 @@ def ceiling_command(server: Any, tenants: int, requests: int) -> list[str]:
         "-c", str(CEILING_CLIENTS),
         "-n", str(requests),
         "-r", str(tenants),
+        "-P", str(pipeline),
         "--csv",
         "EVALSHA", *[str(a) for a in call.evalsha_args()],
     ]
@@ -604,17 +608,23 @@ def run_redis_benchmark(command: list[str]) -> dict[str, float]:
 
 
 async def measure_ceiling(
-    server: Any, admin: aredis.Redis, tenants: int, seconds: float
+    server: Any,
+    admin: aredis.Redis,
+    tenants: int,
+    seconds: float,
+    pipeline: int = 1,
 ) -> dict[str, Any]:
     """Load the script, calibrate with a short run, then run for about
     ``seconds``; executed commands per call come from commandstats."""
     await admin.script_load(script("rate_limit.lua").source)
     loop = asyncio.get_running_loop()
     probe = await loop.run_in_executor(
-        None, run_redis_benchmark, ceiling_command(server, tenants, 5000)
+        None,
+        run_redis_benchmark,
+        ceiling_command(server, tenants, 5000, pipeline),
     )
     requests = max(5000, int(probe["rps"] * seconds))
-    command = ceiling_command(server, tenants, requests)
+    command = ceiling_command(server, tenants, requests, pipeline)
     before = await command_stats(admin)
     row = await loop.run_in_executor(None, run_redis_benchmark, command)
     commands = delta(await command_stats(admin), before)
@@ -631,6 +641,7 @@ async def measure_ceiling(
         "executed": sum(commands.values()) / requests,
         "commands": commands,
         "command": shlex.join(shown),
+        "pipeline": pipeline,
     }
 
 
@@ -793,9 +804,10 @@ def add_ratios(report: dict[str, Any], cols: list[tuple[int, int]]) -> None:
         top = [
             c["per_second"] for r in peer_rows for c in r["cells"]
         ]
-        ceiling["ratio"] = {
-            "per_second": ceiling["per_second"] / max(top) if top else None,
-        }
+        for entry in (ceiling, ceiling["pipelined"]):
+            entry["ratio"] = {
+                "per_second": entry["per_second"] / max(top) if top else None,
+            }
 
 
 def fmt(value: Optional[float], digits: int = 0) -> str:
@@ -871,6 +883,15 @@ def markdown(report: dict[str, Any], cols: list[tuple[int, int]]) -> str:
                         ceiling["per_second"], ceiling["ratio"]["per_second"]
                     )
                 ]
+                + ["″"] * (len(cols) - 1)
+            )
+            + " |"
+        )
+        piped = ceiling["pipelined"]
+        lines.append(
+            f"| ceiling, pipelined {piped['pipeline']} deep | "
+            + " | ".join(
+                [with_ratio(piped["per_second"], piped["ratio"]["per_second"])]
                 + ["″"] * (len(cols) - 1)
             )
             + " |"
@@ -999,7 +1020,9 @@ def markdown(report: dict[str, Any], cols: list[tuple[int, int]]) -> str:
         lines.append(
             f"- **ceiling**: `{ceiling.get('command', '')}` (the arguments "
             f"pactown's check_rate_limit sends, with random tenants and "
-            f"request ids)"
+            f"request ids; one call per round trip, and "
+            f"{report['batch']} per round trip for the pipelined line, as "
+            f"check_many sends them)"
         )
     lines.append("")
     return "\n".join(lines)
@@ -1035,6 +1058,11 @@ def chart(
         axes.axhline(
             ceiling["per_second"], color="black", linestyle=":",
             label=f"ceiling: redis-benchmark, {CEILING_CLIENTS} clients",
+        )
+        piped = ceiling["pipelined"]
+        axes.axhline(
+            piped["per_second"], color="black", linestyle="-.",
+            label=f"ceiling, pipelined {piped['pipeline']} deep",
         )
     axes.set_yscale("log")
     axes.set_xticks(xs, labels)
@@ -1134,6 +1162,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 report["ceiling"] = await measure_ceiling(
                     server, admin, args.tenants, args.seconds
+                )
+                # check_many sends a batch per round trip; so may the
+                # server's own client.
+                report["ceiling"]["pipelined"] = await measure_ceiling(
+                    server, admin, args.tenants, args.seconds, args.batch
                 )
             except Exception as exc:  # noqa: BLE001 - reported as the row
                 report["ceiling"] = {"error": f"{type(exc).__name__}: {exc}"}
