@@ -98,16 +98,26 @@ class ScriptCall:
         Keys and arguments are ``str`` (sent as UTF-8) or ``bytes``.
         """
         keys, args, tail = self.keys, self.args, self.tail
-        count = 3 + len(keys) + len(args) + len(tail.values)
-        parts = [
-            b"*%d\r\n$7\r\nEVALSHA\r\n" % count,
-            _packed_sha(self.script.sha),
-            _bulk(b"%d" % len(keys)),
-        ]
-        for value in (*keys, *args):
-            parts.append(_bulk(value if type(value) is bytes else value.encode()))
-        parts.append(tail.packed)
-        return b"".join(parts)
+        head = _head(
+            self.script.sha, len(keys), len(keys) + len(args) + len(tail.values)
+        )
+        values = (*keys, *args)
+        try:
+            # Keys are percent-encoded and arguments are numbers and names,
+            # so all is ASCII, where a length in characters is one in bytes.
+            body = "".join([f"${len(v)}\r\n{v}\r\n" for v in values])
+            if not body.isascii():
+                raise TypeError("not ASCII")
+            packed = body.encode("ascii")
+        except TypeError:
+            packed = b"".join([_bulk(_encoded(v)) for v in values])
+        return head + packed + tail.packed
+
+
+def _encoded(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8")
 
 
 def _bulk(value: bytes) -> bytes:
@@ -115,5 +125,10 @@ def _bulk(value: bytes) -> bytes:
 
 
 @cache
-def _packed_sha(sha: str) -> bytes:
-    return _bulk(sha.encode("ascii"))
+def _head(sha: str, keys: int, values: int) -> bytes:
+    # The command, the SHA and the key count: the same for every call of a
+    # script with as many keys and arguments.
+    count = b"%d" % keys
+    return b"*%d\r\n$7\r\nEVALSHA\r\n%b%b" % (
+        3 + values, _bulk(sha.encode("ascii")), _bulk(count)
+    )
