@@ -112,6 +112,9 @@ class AutoPipeline:
         self._free = list(range(self._lanes))
         self._waiting: list[_Waiting] = []
         self._drainers: set[asyncio.Task[None]] = set()
+        # Drainers not yet finished; a task leaves ``_drainers`` only on
+        # the loop's next pass, so the count is what tells if one runs.
+        self._draining = 0
 
     async def close(self) -> None:
         """Close the lanes' connections; a later call opens new ones."""
@@ -162,7 +165,7 @@ class AutoPipeline:
                 self._done_with(lane)
             return [r.error if isinstance(r, _Failed) else r for r in replies]
         futures = [self._enqueue(call, deadline) for call in calls]
-        if self._free and not self._drainers:
+        if self._free and not self._draining:
             # A lane is free but nobody serves the queue (its drainer was
             # cancelled): this caller starts one.
             self._done_with(self._free.pop())
@@ -199,6 +202,7 @@ class AutoPipeline:
             self._free.append(lane)
             return
         assert self._loop is not None
+        self._draining += 1
         task = self._loop.create_task(
             self._drain(lane), name="pactown-redis pipeline"
         )
@@ -219,6 +223,7 @@ class AutoPipeline:
                 if live:
                     await self._answer(lane, live)
         finally:
+            self._draining -= 1
             self._free.append(lane)
 
     async def _answer(self, lane: int, batch: list[_Waiting]) -> None:
