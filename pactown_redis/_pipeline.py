@@ -1,13 +1,15 @@
 """Automatic pipelining: concurrent script calls share round trips.
 
 A policy sends every script call through one :class:`AutoPipeline`, which
-owns a few connections, its *lanes*. A call that finds a lane free and no
-call waiting goes out at once, alone. Calls that arrive while every lane
-is busy wait, and leave together as the next batch, in one write, on the
-first lane to come free; their replies are read back in order. One task
-alone therefore pays one round trip per call, and many tasks pay one
-round trip per batch. With two lanes, Redis runs one batch while the
-client reads the other's replies and writes the next.
+owns a few connections, its *lanes*. A call made while nothing is in
+flight goes out at once, alone, so one task alone pays one round trip per
+call. A call made while other calls are in flight waits for the event
+loop's current pass to end: the tasks woken by the last replies make their
+next calls in that pass, and they all leave together, as one write on a
+free lane (or on the first lane to come free), their replies read back in
+order. Many tasks thus pay one round trip per batch, and with two lanes
+Redis runs one batch while the client reads the other's replies and
+writes the next.
 
 Pipelining changes no decision: each call is still one ``EVALSHA`` that
 Redis runs atomically and on its own; only the packets are shared.
@@ -112,9 +114,7 @@ class AutoPipeline:
         self._free = list(range(self._lanes))
         self._waiting: list[_Waiting] = []
         self._drainers: set[asyncio.Task[None]] = set()
-        # Drainers not yet finished; a task leaves ``_drainers`` only on
-        # the loop's next pass, so the count is what tells if one runs.
-        self._draining = 0
+        self._kick_due = False
 
     async def close(self) -> None:
         """Close the lanes' connections; a later call opens new ones."""
@@ -145,7 +145,8 @@ class AutoPipeline:
         self, calls: Sequence[ScriptCall], timeout: float
     ) -> list[Any]:
         """Return the replies of ``calls``, in order, within ``timeout``
-        seconds. They leave together, at once when a lane is free. A
+        seconds. They leave together: at once when nothing is in flight,
+        else with the calls made in the same pass of the event loop. A
         call's error reply, or its failure, takes its place in the list.
 
         Raises:
@@ -157,7 +158,9 @@ class AutoPipeline:
         if not calls:
             return []
         deadline = loop.time() + timeout
-        if self._free and not self._waiting and len(calls) <= MAX_BATCH:
+        idle = len(self._free) == self._lanes and not self._waiting
+        if idle and len(calls) <= MAX_BATCH:
+            # Nothing in flight: no batch to join, so no reason to wait.
             lane = self._free.pop()
             try:
                 replies = await _until(deadline, self._send(lane, list(calls)))
@@ -165,10 +168,12 @@ class AutoPipeline:
                 self._done_with(lane)
             return [r.error if isinstance(r, _Failed) else r for r in replies]
         futures = [self._enqueue(call, deadline) for call in calls]
-        if self._free and not self._draining:
-            # A lane is free but nobody serves the queue (its drainer was
-            # cancelled): this caller starts one.
-            self._done_with(self._free.pop())
+        if self._free and not self._kick_due:
+            # Other calls are in flight, so more are likely on their way:
+            # the tasks their replies woke run before the kick does, and
+            # leave with this call in one batch on the free lane.
+            self._kick_due = True
+            loop.call_soon(self._kick)
         if len(futures) == 1:
             # Awaited directly, a cancelled caller cancels its future, and
             # the batch then leaves the call out.
@@ -196,13 +201,17 @@ class AutoPipeline:
         self._waiting.append((call, future, deadline))
         return future
 
+    def _kick(self) -> None:
+        self._kick_due = False
+        if self._waiting and self._free:
+            self._done_with(self._free.pop())
+
     def _done_with(self, lane: int) -> None:
         # A lane that comes free serves the calls that waited for it.
         if not self._waiting:
             self._free.append(lane)
             return
         assert self._loop is not None
-        self._draining += 1
         task = self._loop.create_task(
             self._drain(lane), name="pactown-redis pipeline"
         )
@@ -223,7 +232,6 @@ class AutoPipeline:
                 if live:
                     await self._answer(lane, live)
         finally:
-            self._draining -= 1
             self._free.append(lane)
 
     async def _answer(self, lane: int, batch: list[_Waiting]) -> None:
