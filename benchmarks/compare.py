@@ -562,9 +562,9 @@ def ceiling_command(
     """redis-benchmark running ``rate_limit.lua`` by SHA as a policy whose
     tenants have no stored profile and the ADMIN tier by default would:
     a random tenant out of ``tenants`` per call (each ``__rand_int__`` is
-    drawn on its own, so the profile, bucket and request-id keys of one
-    call belong to different tenants, which a script does not mind on one
-    server), a random request id; ``pipeline`` calls per round trip."""
+    drawn on its own, so the profile and bucket keys of one call belong to
+    different tenants, which a script does not mind on one server);
+    ``pipeline`` calls per round trip."""
     rules = _outcomes.make_rules(
         namespace="bench-ceiling",
         default_rate_limit=60,
@@ -575,7 +575,7 @@ def ceiling_command(
         rapid_restart_threshold=5,
         clock=None,
     )
-    call = _core.rate_limit_call(rules, "__rand_int__", 1, "__rand_int__")
+    call = _core.rate_limit_call(rules, "__rand_int__", 1)
     program = shutil.which("redis-benchmark") or "redis-benchmark"
     return [
         program,
@@ -1006,8 +1006,7 @@ def markdown(report: dict[str, Any], cols: list[tuple[int, int]]) -> str:
         f"tenants, read once the contender's connections were closed and "
         f"again {idle:g} s later. Each tenant's requests come one after "
         f"the other, and the limit's half-spent bucket takes 30 s to "
-        f"refill. pactown runs with its default options here (its "
-        f"request ids are kept for a multiple of its deadline) and its "
+        f"refill. pactown runs with its default options here and its "
         f"tenants have no stored profile (the default FREE tier is 20 per "
         f"minute); a stored profile is configuration, kept until deleted.",
         "",
@@ -1019,8 +1018,8 @@ def markdown(report: dict[str, Any], cols: list[tuple[int, int]]) -> str:
     if ceiling:
         lines.append(
             f"- **ceiling**: `{ceiling.get('command', '')}` (the arguments "
-            f"pactown's check_rate_limit sends, with random tenants and "
-            f"request ids; one call per round trip, and "
+            f"pactown's check_rate_limit sends, with random tenants; one "
+            f"call per round trip, and "
             f"{report['batch']} per round trip for the pipelined line, as "
             f"check_many sends them)"
         )

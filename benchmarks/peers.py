@@ -75,8 +75,7 @@ class Setup:
         pactown_timeout: the policy's deadline in seconds, ``None`` for
             its default. Throughput runs use a long one, so that no
             decision under heavy load is made by a fail mode instead of
-            Redis; the memory phase keeps the default, since the window
-            of request ids a policy keeps follows from it.
+            Redis; the memory phase keeps the default, as a user would.
     """
 
     url: str

@@ -33,7 +33,6 @@ import asyncio
 import os
 import platform
 import random
-import secrets
 import statistics
 import sys
 import time
@@ -114,8 +113,7 @@ def typical_calls(policy: SecurityPolicy, user: str) -> Iterator[ScriptCall]:
             overloaded=False,
         )
     for _ in range(TYPICAL_REQUESTS):
-        # Each debit carries a request id, as the policy's do.
-        yield _core.rate_limit_call(policy.rules, user, 1, secrets.token_hex(8))
+        yield _core.rate_limit_call(policy.rules, user, 1)
 
 
 async def load_scripts(client: Any) -> None:
@@ -226,8 +224,8 @@ async def print_at_rest(
     client: Any, policy: SecurityPolicy, tenants: int
 ) -> None:
     """Print what up to 1 000 random tenants hold once the population is
-    done: by then most request buckets and request ids have run out their
-    TTL, while profiles, leases, start history and fences remain."""
+    done: by then most request buckets have run out their TTL, while
+    profiles, leases, start history and fences remain."""
     picks = random.Random(0).sample(range(tenants), min(tenants, 1000))
     users = [tenant(n) for n in picks]
     sizes = await tenant_memory(client, policy, users)

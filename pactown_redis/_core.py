@@ -91,7 +91,6 @@ class Rules:
     rapid_window_ms: int = 60_000
     rapid_threshold: int = 5
     fence_grace_ms: int = HOUR_MS
-    request_id_window_ms: int = 1_000
     clock: Optional[Callable[[], float]] = field(default=None)
 
     def now_arg(self) -> str:
@@ -103,18 +102,6 @@ class Rules:
     def default_args(self) -> tuple[str, ...]:
         """Return the default tier's numbers and name, as scripts take them."""
         return _tier_args(self.default_tier)
-
-
-def request_id_window_ms(timeout: float) -> int:
-    """Return how long, in milliseconds, a debit's request id is kept.
-
-    A debit is sent again only after its connection broke, and only while
-    its deadline (``timeout`` seconds) lasts, so both copies reach Redis
-    within about ``timeout`` of each other; four times that, and never
-    under a second, leaves room for a slow server. Kept no longer, the ids
-    cost an active user a few bytes, and an idle one nothing.
-    """
-    return max(1_000, math.ceil(timeout * 4_000))
 
 
 @cache
@@ -216,10 +203,10 @@ def _first_error_field(exc: ValueError) -> str:
 # -- request rate ------------------------------------------------------------
 
 
-def rate_limit_call(
-    rules: Rules, user_id: str, cost: float, request_id: str = ""
-) -> ScriptCall:
+def rate_limit_call(rules: Rules, user_id: str, cost: float) -> ScriptCall:
     """Return the call that debits ``cost`` from the user's request bucket.
+
+    The call is not replayable: sent twice, it would debit twice.
 
     Raises:
         InvalidInputError: bad user id or cost.
@@ -228,16 +215,17 @@ def rate_limit_call(
     cost = check_number(cost, "cost", low=0, high=MAX_COST, low_open=True)
     return ScriptCall(
         script("rate_limit.lua"),
-        (keys.profile, keys.requests, keys.request(request_id)),
-        (rules.now_arg(), repr(cost), request_id),
-        _rate_tail(rules.default_tier, rules.request_id_window_ms),
+        (keys.profile, keys.requests),
+        (rules.now_arg(), repr(cost)),
+        _rate_tail(rules.default_tier),
+        replayable=False,
     )
 
 
 @cache
-def _rate_tail(tier: UserTier, window_ms: int) -> PackedArgs:
+def _rate_tail(tier: UserTier) -> PackedArgs:
     # The same on every debit of a policy: encoded once.
-    return PackedArgs.of((str(window_ms), *_tier_args(tier)))
+    return PackedArgs.of(_tier_args(tier))
 
 
 def parse_rate_limit(user_id: str, reply: Sequence[Any]) -> RateLimitResult:
@@ -251,7 +239,7 @@ def parse_rate_limit(user_id: str, reply: Sequence[Any]) -> RateLimitResult:
     if status == "corrupt":
         raise CorruptProfileError(user_id, text(reply[1]))
     return RateLimitResult(
-        allowed=status in ("ok", "dup"),
+        allowed=status == "ok",
         limit=int(reply[1]),
         remaining=int(reply[2]),
         # float() reads bytes and str alike, whatever the client decodes.

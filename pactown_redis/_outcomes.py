@@ -41,7 +41,6 @@ def make_rules(
     default_tier: UserTier,
     rapid_restart_threshold: int,
     clock: Optional[Callable[[], float]],
-    timeout: float = _core.DEFAULT_TIMEOUT,
 ) -> Rules:
     """Validate a policy's options and return the rules it decides by.
 
@@ -62,7 +61,6 @@ def make_rules(
         start_burst=start_burst,
         start_per_minute=float(default_rate_limit),
         rapid_threshold=rapid_restart_threshold,
-        request_id_window_ms=_core.request_id_window_ms(timeout),
         clock=clock,
     )
 
@@ -189,9 +187,7 @@ def rate_decision(
 MAX_MANY = 10_000
 
 
-def many_calls(
-    rules: Rules, requests: Any, request_id: Callable[[], str]
-) -> list[tuple[str, float, ScriptCall]]:
+def many_calls(rules: Rules, requests: Any) -> list[tuple[str, float, ScriptCall]]:
     """Validate the requests of a ``check_many`` call and build their
     debits: ``(user_id, cost, call)`` in order.
 
@@ -220,7 +216,7 @@ def many_calls(
                 f"request {number} must be a user id or a (user_id, cost) "
                 f"pair, not {request!r:.80}"
             )
-        call = _core.rate_limit_call(rules, user_id, cost, request_id())
+        call = _core.rate_limit_call(rules, user_id, cost)
         built.append((user_id, float(cost), call))
     return built
 

@@ -265,17 +265,26 @@ class AutoPipeline:
         try:
             await self._exchange(lane, calls, replies)
         except rx.ConnectionError as exc:
-            if not self._may_retry(exc, started):
-                raise
-            # The unanswered calls may or may not have run; each is safe
-            # to send again, and the replies already read are kept.
-            await self._exchange(lane, calls, replies)
+            # The replies already read are kept; of the calls that may have
+            # run without an answer, only the replayable ones are unsent.
+            failure: BaseException = exc
+            unsent = any(reply is _UNSENT for reply in replies)
+            if unsent and self._may_retry(exc, started):
+                try:
+                    await self._exchange(lane, calls, replies)
+                except rx.ConnectionError as again:
+                    failure = again
+            for i, reply in enumerate(replies):
+                if reply is _UNSENT:
+                    replies[i] = _Failed(_copy_error(failure))
         return replies
 
     async def _exchange(
         self, lane: int, calls: list[ScriptCall], replies: list[Any]
     ) -> None:
         unsent = [i for i, reply in enumerate(replies) if reply is _UNSENT]
+        if not unsent:
+            return
         await self._pipeline(lane, calls, unsent, replies, cached=True)
         # Refused with NOSCRIPT, a call did not run; EVAL runs it once and
         # caches the script again. The rest of the batch is not re-sent.
@@ -299,9 +308,10 @@ class AutoPipeline:
         # call's index.
         if self._cluster:
             commands = [_command(calls[i], cached) for i in indexes]
-            await self._cluster_pipeline(commands, indexes, replies)
+            await self._cluster_pipeline(calls, commands, indexes, replies)
             return
         conn = self._connection(lane)
+        sent = False
         try:
             if not conn.is_connected:
                 # connect() is what a Sentinel-managed connection overrides
@@ -313,21 +323,25 @@ class AutoPipeline:
                 packed = conn.pack_commands(
                     [_command(calls[i], cached) for i in indexes]
                 )
+            sent = True
             await conn.send_packed_command(packed, check_health=False)
             for i in indexes:
                 try:
                     replies[i] = await conn.read_response()
                 except rx.ResponseError as exc:
                     replies[i] = _Failed(exc)
-        except BaseException:
+        except BaseException as exc:
             # A reply may still be on its way; the connection cannot be
             # reused without reading it, so it is dropped.
             self._conns[lane] = None
             await _drop(conn)
+            if sent:
+                _settle_unanswered(calls, indexes, replies, exc)
             raise
 
     async def _cluster_pipeline(
         self,
+        calls: list[ScriptCall],
         commands: list[tuple[Any, ...]],
         indexes: Sequence[int],
         replies: list[Any],
@@ -342,10 +356,12 @@ class AutoPipeline:
             for result in results:
                 if isinstance(result, _CLUSTER_MOVING):
                     raise result
-        except _CLUSTER_MOVING:
+        except _CLUSTER_MOVING as exc:
             # A node is gone or the slots moved: closing the client makes
-            # it map the cluster again before its next command.
+            # it map the cluster again before its next command. Which
+            # calls ran is not known.
             await self._client.aclose()
+            _settle_unanswered(calls, indexes, replies, exc)
             raise
         for i, result in zip(indexes, results):
             failed = isinstance(result, Exception)
@@ -353,6 +369,10 @@ class AutoPipeline:
 
     def _connection(self, lane: int) -> Any:
         conn = self._conns[lane]
+        if conn is not None and _closed_by_server(conn):
+            # Sending on it would fail only after the write, when a debit
+            # can no longer be sent again; a new connection is safe.
+            self._conns[lane] = conn = None
         if conn is None:
             conn = self._client.connection_pool.make_connection()
             # Every call carries its own deadline; a socket timeout on top
@@ -376,6 +396,27 @@ def _outcome(future: "asyncio.Future[Any]") -> Any:
     if future.cancelled():
         return asyncio.CancelledError()
     return future.exception() or future.result()
+
+
+def _settle_unanswered(
+    calls: list[ScriptCall],
+    indexes: Sequence[int],
+    replies: list[Any],
+    exc: BaseException,
+) -> None:
+    # After a write, an unanswered call may have run: one that must not run
+    # twice fails with the connection's error, the others stay unsent.
+    for i in indexes:
+        if replies[i] is _UNSENT and not calls[i].replayable:
+            replies[i] = _Failed(_copy_error(exc))
+
+
+def _closed_by_server(conn: Any) -> bool:
+    # The stream reader of a redis-py connection sees the server's FIN as
+    # soon as the event loop polls the socket, long before a write would.
+    reader = getattr(conn, "_reader", None)
+    at_eof = getattr(reader, "at_eof", None)
+    return bool(at_eof is not None and at_eof())
 
 
 def _command(call: ScriptCall, cached: bool) -> tuple[Any, ...]:

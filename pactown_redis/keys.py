@@ -10,8 +10,6 @@ Layout, for namespace ``ns`` and an encoded user id ``U``::
     ns:{U}:svcmeta    hash     lease metadata "memory cpu fence"
     ns:{U}:starts     zset     starts of the last hour
     ns:{U}:fence      hash     fencing counter (TTL: last lease + grace)
-    ns:{U}:rq:ID      string   marks a debit with request id ID as applied,
-                               for safe retries (TTL: the id window)
     ns:{U}:strikes    zset     recent offences, for auto-blocking (TTL:
                                the strike window)
     ns:{U}:autoblock  string   end of an automatic block, in microseconds
@@ -67,17 +65,11 @@ class UserKeys:
     lease_meta: str
     starts: str
     fence: str
-    request_prefix: str
     strikes: str
     auto_block: str
 
-    def request(self, request_id: str) -> str:
-        """Return the marker key of a debit's request id (hex digits)."""
-        return self.request_prefix + request_id
-
     def all(self) -> tuple[str, ...]:
-        """Return every key of the user but the short-lived request
-        markers (see :meth:`request`)."""
+        """Return every key of the user."""
         return (
             self.profile,
             self.requests,
@@ -139,7 +131,6 @@ class KeySpace:
             lease_meta=base + "svcmeta",
             starts=base + "starts",
             fence=base + "fence",
-            request_prefix=base + "rq:",
             strikes=base + "strikes",
             auto_block=base + "autoblock",
         )

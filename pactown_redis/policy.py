@@ -34,7 +34,6 @@ from .resilience import (
     client_options,
     close_client,
     make_client,
-    new_request_id,
     sentinel_client,
 )
 
@@ -166,7 +165,6 @@ class SecurityPolicy:
             default_tier=default_tier,
             rapid_restart_threshold=rapid_restart_threshold,
             clock=clock,
-            timeout=check_timeout(timeout),
         )
         self.auto_block = _core.AutoBlock.from_options(
             auto_block_threshold, auto_block_window, auto_block_duration
@@ -346,8 +344,7 @@ class SecurityPolicy:
             InvalidInputError: bad ``user_id`` or ``cost`` (must be > 0).
             BackendError: Redis answered with an unexpected error.
         """
-        # The id lets a retry of this debit be answered 'dup', not debited.
-        call = _core.rate_limit_call(self.rules, user_id, cost, new_request_id())
+        call = _core.rate_limit_call(self.rules, user_id, cost)
         try:
             reply = await self._run(call)
         except RedisUnavailableError:
@@ -376,7 +373,7 @@ class SecurityPolicy:
                 10 000 requests; nothing is debited then.
             BackendError: Redis answered with an unexpected error.
         """
-        debits = _outcomes.many_calls(self.rules, requests, new_request_id)
+        debits = _outcomes.many_calls(self.rules, requests)
         try:
             replies = await self._guard.run_many([call for *_, call in debits])
         except RedisUnavailableError:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import threading
 import time
 from collections import OrderedDict
@@ -90,7 +89,6 @@ __all__ = [
     "close_sync_client",
     "is_unavailable",
     "make_client",
-    "new_request_id",
     "retryable",
     "sentinel_client",
 ]
@@ -493,14 +491,6 @@ def describe(exc: BaseException) -> str:
     """Return ``exc`` as one short line for logs and anomaly metadata."""
     text = str(exc).split("\n", 1)[0][:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def new_request_id() -> str:
-    """Return a random id for one debit: 64 bits, so that no two debits of
-    a user within the deduplication window share one."""
-    # The ids need to be unique, not secret: the module's generator is
-    # several times cheaper than the system's, and reseeded after a fork.
-    return "%016x" % random.getrandbits(64)
 
 
 # -- the policy's behaviour without Redis -------------------------------------
@@ -920,10 +910,12 @@ class AsyncGuard:
     Calls travel through an :class:`~pactown_redis._pipeline.AutoPipeline`,
     so concurrent calls share round trips. Each call gets the deadline, the
     ``NOSCRIPT`` recovery and at most one retry, on a new connection, after
-    a connection error. Sending a script twice never applies it twice: a
-    debit carries a request id the script answers ``'dup'`` for, a start of
-    a service that holds a slot takes the ``'running'`` path, and renewals,
-    releases and profile writes set the same state again.
+    a connection error. A call that may have run is sent again only if it
+    is replayable (see :class:`~pactown_redis.scripts.ScriptCall`): a start
+    of a service that holds a slot takes the ``'running'`` path, renewals,
+    releases and profile writes set the same state again. A debit is never
+    sent twice; one whose reply was lost fails as Redis being unavailable,
+    and the fail mode decides it.
 
     Args:
         client: a ``redis.asyncio`` client.
@@ -1007,8 +999,10 @@ class SyncGuard:
     A blocking client cannot be interrupted mid-call, so the deadline holds
     per socket operation (the client's ``socket_timeout`` and
     ``socket_connect_timeout``, see :func:`client_options` with
-    ``asynchronous=False``), and the retry starts only while the call's
-    deadline has time left.
+    ``asynchronous=False``), and the retry of a replayable call starts only
+    while the call's deadline has time left. The client's pool replaces a
+    connection the server closed before lending it, so a call that fails
+    on its connection may have run: a debit is not sent again.
 
     Args:
         client: a ``redis.Redis`` client.
@@ -1051,7 +1045,7 @@ class SyncGuard:
         try:
             return _evalsha_sync(client, call)
         except rx.ConnectionError as exc:
-            if not (retryable(exc) and deadline.allows_retry()):
+            if not (call.replayable and retryable(exc) and deadline.allows_retry()):
                 raise
         return _evalsha_sync(client, call)
 
@@ -1066,9 +1060,9 @@ class SyncGuard:
             try:
                 replies = _pipeline_sync(self._client, calls)
             except rx.ConnectionError as exc:
-                if not (retryable(exc) and deadline.allows_retry()):
+                replayable = all(call.replayable for call in calls)
+                if not (replayable and retryable(exc) and deadline.allows_retry()):
                     raise
-                # Every call is safe to send twice (see AsyncGuard).
                 replies = _pipeline_sync(self._client, calls)
         except (rx.RedisError, OSError) as exc:
             raise resilience.on_error(exc, name) from exc

@@ -71,12 +71,19 @@ NO_ARGS = PackedArgs((), b"")
 @dataclass(frozen=True, slots=True)
 class ScriptCall:
     """A script with the keys and arguments of one call; ``tail`` follows
-    ``args``."""
+    ``args``.
+
+    ``replayable`` says whether the call may be sent again when it is not
+    known whether the first sending ran: true of every script that sets
+    a state (renewals, releases, profile writes, a start, which finds its
+    own lease), false of a debit, which would count twice.
+    """
 
     script: Script
     keys: Sequence[str]
     args: Sequence[Any]
     tail: PackedArgs = NO_ARGS
+    replayable: bool = True
 
     def evalsha_args(self) -> tuple[Any, ...]:
         """Return the positional arguments of ``EVALSHA``."""

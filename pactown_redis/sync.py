@@ -45,7 +45,6 @@ from .resilience import (
     close_sync_client,
     describe,
     make_client,
-    new_request_id,
     sentinel_client,
 )
 
@@ -303,7 +302,6 @@ class SyncSecurityPolicy:
             default_tier=default_tier,
             rapid_restart_threshold=rapid_restart_threshold,
             clock=clock,
-            timeout=check_timeout(timeout),
         )
         self.auto_block = _core.AutoBlock.from_options(
             auto_block_threshold, auto_block_window, auto_block_duration
@@ -507,8 +505,7 @@ class SyncSecurityPolicy:
             InvalidInputError: bad ``user_id`` or ``cost`` (must be > 0).
             BackendError: Redis answered with an unexpected error.
         """
-        # The id lets a retry of this debit be answered 'dup', not debited.
-        call = _core.rate_limit_call(self.rules, user_id, cost, new_request_id())
+        call = _core.rate_limit_call(self.rules, user_id, cost)
         try:
             reply = self._run(call)
         except RedisUnavailableError:
@@ -524,7 +521,7 @@ class SyncSecurityPolicy:
     ) -> list[RateLimitResult]:
         """Debit many requests in one round trip; as
         :meth:`SecurityPolicy.check_many`."""
-        debits = _outcomes.many_calls(self.rules, requests, new_request_id)
+        debits = _outcomes.many_calls(self.rules, requests)
         try:
             replies = self._guard.run_many([call for *_, call in debits])
         except RedisUnavailableError:

@@ -37,7 +37,7 @@ STARTS_PER_MINUTE = 60
 HOUR_S = 3600
 #: Every kind of key that carries a TTL, by the suffix keys.py gives it.
 TIMED_KINDS = (
-    "rl", "sr", "svc", "svcmeta", "fence", "starts", "rq", "strikes",
+    "rl", "sr", "svc", "svcmeta", "fence", "starts", "strikes",
     "autoblock",
 )
 #: Redis's default stream-node-max-entries.
@@ -128,8 +128,6 @@ def ttl_bound_ms(
         return (LEASE_S + GRACE_S) * 1000
     if suffix == "starts":
         return HOUR_S * 1000
-    if suffix == "rq":
-        return policy.rules.request_id_window_ms
     if suffix == "strikes":
         assert len(content) < policy.auto_block.threshold
         return STRIKE_WINDOW_S * 1000
@@ -173,8 +171,6 @@ async def check_every_key(client, policy, profiles) -> Counter[str]:
             continue
         tag, suffix = key[len(prefix):].decode().split("}:", 1)
         user = decode_user(tag.lstrip("{"))
-        if suffix.startswith("rq:"):
-            suffix = "rq"
         if suffix == "profile":
             assert pttl == -1, key
             continue

@@ -32,7 +32,6 @@ from pactown_redis.resilience import (
     Resilience,
     SyncGuard,
     client_options,
-    new_request_id,
 )
 from conftest import Clock
 from servers import HOST, LocalSentinel, RedisServer, ReplyDropper, free_port
@@ -319,21 +318,20 @@ def dropper() -> Iterator[tuple[RedisServer, ReplyDropper]]:
 
 
 @bounded
-async def test_a_lost_reply_is_retried_without_a_second_debit(clock, dropper):
-    """The debit ran but its reply was lost: the retry is answered from the
-    request id, and the bucket is debited once."""
+async def test_a_lost_debit_reply_is_never_sent_again(clock, dropper):
+    """The debit ran but its reply was lost: it is not sent twice; the fail
+    mode decides it, and the bucket is debited once."""
     _, proxy = dropper
     async with build(
         f"redis://{HOST}:{proxy.port}/0", clock, Clock(start=500.0), timeout=2.0
     ) as policy:
         assert (await policy.check_rate_limit("u")).remaining == 19
         proxy.armed = True
-        retried = await policy.check_rate_limit("u", cost=5)
+        lost = await policy.check_rate_limit("u", cost=5)
         assert proxy.dropped == 1
-        assert (retried.allowed, retried.degraded) == (True, False)
-        assert retried.remaining == 14
+        assert (lost.allowed, lost.degraded) == (True, True)
         assert (await policy.get_user_state("u")).tokens == 14
-        assert policy.resilience.breaker.failures == 0
+        assert (await policy.check_rate_limit("u")).remaining == 13
 
 
 @bounded
@@ -359,9 +357,9 @@ async def test_a_lost_start_reply_reserves_one_slot(clock, dropper):
 
 
 @bounded
-async def test_the_sync_guard_retries_a_lost_reply_once(clock, dropper):
-    """The blocking sender retries the lost reply on a new connection; the
-    request id keeps the debit single."""
+async def test_the_sync_guard_resends_only_replayable_calls(clock, dropper):
+    """After a lost reply the blocking sender sends a read again on a new
+    connection, but never a debit, which ran once."""
     _, proxy = dropper
     rules = _core.Rules(
         keys=KeySpace("sync"),
@@ -381,15 +379,23 @@ async def test_the_sync_guard_retries_a_lost_reply_once(clock, dropper):
     guard = SyncGuard(client, resilience, lambda event: None)
 
     def debit() -> int:
-        call = _core.rate_limit_call(rules, "u", 1, new_request_id())
+        call = _core.rate_limit_call(rules, "u", 1)
         return _core.parse_rate_limit("u", guard.run(call)).remaining
+
+    def tokens() -> float:
+        reply = guard.run(_core.inspect_call(rules, "u"))
+        return _core.parse_inspect("u", reply).tokens
 
     try:
         assert await asyncio.to_thread(debit) == 19
         proxy.armed = True
-        assert await asyncio.to_thread(debit) == 18
+        with pytest.raises(RedisUnavailableError):
+            await asyncio.to_thread(debit)
         assert proxy.dropped == 1
-        assert resilience.breaker.failures == 0
+        proxy.armed = True
+        assert await asyncio.to_thread(tokens) == 18
+        assert proxy.dropped == 2
+        assert await asyncio.to_thread(debit) == 17
     finally:
         client.close()
 

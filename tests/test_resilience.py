@@ -38,7 +38,6 @@ from pactown_redis.resilience import (
     SyncGuard,
     client_options,
     is_unavailable,
-    new_request_id,
     retryable,
 )
 from conftest import Clock
@@ -583,8 +582,8 @@ def sync_client(port: int, timeout: float) -> redis.Redis:
 
 
 def test_sync_guard_reloads_scripts_and_applies_a_debit_once(redis_server):
-    """The blocking sender reloads a flushed script, and a debit sent again
-    with its request id is not applied again."""
+    """The blocking sender reloads a flushed script and runs each debit
+    once."""
     local_rules = rules(namespace=f"sync-{secrets.token_hex(4)}")
     client = sync_client(redis_server.port, 5.0)
     admin = redis_server.client()
@@ -592,17 +591,16 @@ def test_sync_guard_reloads_scripts_and_applies_a_debit_once(redis_server):
     resilience = Resilience(local_rules)
     guard = SyncGuard(client, resilience, events.append)
 
-    def debit(request_id):
-        call = _core.rate_limit_call(local_rules, "u", 1, request_id)
+    def debit():
+        call = _core.rate_limit_call(local_rules, "u", 1)
         return _core.parse_rate_limit("u", guard.run(call))
 
     try:
         admin.script_flush()
-        assert debit(new_request_id()).remaining == 19
-        replayed = new_request_id()
+        assert debit().remaining == 19
         admin.script_flush()
-        assert debit(replayed).remaining == 18
-        assert debit(replayed).remaining == 18
+        assert debit().remaining == 18
+        assert debit().remaining == 17
         assert resilience.breaker.failures == 0 and events == []
     finally:
         admin.delete(*admin.keys(local_rules.keys.key_pattern()))
@@ -616,7 +614,7 @@ def test_sync_guard_reports_unavailability():
     resilience = Resilience(rules(), breaker_threshold=1)
     client = sync_client(free_port(), 0.2)
     guard = SyncGuard(client, resilience, lambda event: None)
-    call = _core.rate_limit_call(rules(), "u", 1, new_request_id())
+    call = _core.rate_limit_call(rules(), "u", 1)
     try:
         for _ in range(2):
             with pytest.raises(RedisUnavailableError):

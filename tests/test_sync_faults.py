@@ -111,19 +111,18 @@ def dropper() -> Iterator[ReplyDropper]:
             yield proxy
 
 
-def test_a_lost_reply_is_retried_without_a_second_debit(clock, dropper):
-    """The debit ran but its reply was lost: the blocking retry is answered
-    from the request id, and the bucket is debited once."""
+def test_a_lost_debit_reply_is_never_sent_again(clock, dropper):
+    """The debit ran but its reply was lost: the blocking policy does not
+    send it twice; the fail mode decides it, and it is debited once."""
     url = f"redis://{HOST}:{dropper.port}/0"
     with build(url, clock, Clock(start=500.0), timeout=2.0) as policy:
         assert policy.check_rate_limit("u").remaining == 19
         dropper.armed = True
-        retried = policy.check_rate_limit("u", cost=5)
+        lost = policy.check_rate_limit("u", cost=5)
         assert dropper.dropped == 1
-        assert (retried.allowed, retried.degraded) == (True, False)
-        assert retried.remaining == 14
+        assert (lost.allowed, lost.degraded) == (True, True)
         assert policy.get_user_state("u").tokens == 14
-        assert policy.resilience.breaker.failures == 0
+        assert policy.check_rate_limit("u").remaining == 13
 
 
 def test_a_lost_start_reply_reserves_one_slot(clock, dropper):
