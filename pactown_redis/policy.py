@@ -378,19 +378,9 @@ class SecurityPolicy:
             replies = await self._guard.run_many([call for *_, call in debits])
         except RedisUnavailableError:
             replies = [None] * len(debits)
-        results = []
-        for (user_id, cost, _), reply in zip(debits, replies):
-            if reply is None or isinstance(reply, RedisUnavailableError):
-                results.append(self.resilience.rate_limit(user_id, cost))
-                continue
-            if isinstance(reply, BaseException):
-                raise reply
-            result, events = _outcomes.rate_decision(user_id, cost, reply)
-            self.resilience.remember_limit(user_id, result.limit)
-            for event in events:
-                self.anomalies.record(event)
-            results.append(result)
-        return results
+        return self.resilience.settle_debits(
+            debits, replies, self.anomalies.record
+        )
 
     # -- services ----------------------------------------------------------------
 

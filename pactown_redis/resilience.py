@@ -50,7 +50,7 @@ from redis.cluster import ClusterNode
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from . import _cluster
+from . import _cluster, _outcomes
 from ._core import DEFAULT_TIMEOUT, Rules
 from ._pipeline import AutoPipeline
 from ._validate import check_number
@@ -694,6 +694,36 @@ class Resilience:
         if began:
             self._log_began()
         return result
+
+    def settle_debits(
+        self,
+        debits: Sequence[tuple[str, float, Any]],
+        replies: Sequence[Any],
+        record: Callable[[AnomalyEvent], object],
+    ) -> list[RateLimitResult]:
+        """Return the results of ``debits`` (user id, cost, ...) from their
+        ``replies``, in order, passing each anomaly event to ``record``.
+
+        A reply that is ``None`` or a :class:`RedisUnavailableError` was
+        not decided by Redis: its result comes from the fail mode.
+
+        Raises:
+            BackendError: a reply is any other error, or has the wrong
+                shape; the events of the debits before it are recorded.
+        """
+        results = []
+        for (user_id, cost, *_), reply in zip(debits, replies):
+            if reply is None or isinstance(reply, RedisUnavailableError):
+                results.append(self.rate_limit(user_id, cost))
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            result, events = _outcomes.rate_decision(user_id, cost, reply)
+            self.remember_limit(user_id, result.limit)
+            for event in events:
+                record(event)
+            results.append(result)
+        return results
 
     def start(self, user_id: str) -> SecurityCheckResult:
         """Decide a service start without Redis, by ``start_fail_mode``.

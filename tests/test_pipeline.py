@@ -125,12 +125,14 @@ async def test_starts_and_debits_mix_in_one_batch(policy):
     starts = [policy.check_can_start_service("u", f"s{n}") for n in range(3)]
     debits = [policy.check_rate_limit("u") for _ in range(5)]
     results = await asyncio.gather(*starts, *debits)
-    granted = [r.allowed for r in results[:3]]
-    assert granted == [True, True, False]  # FREE: two services at once
+    # Calls made at once have no order among them: any two of the three
+    # starts may be the ones granted (FREE: two services at once).
+    granted = [f"s{n}" for n, r in enumerate(results[:3]) if r.allowed]
+    assert len(granted) == 2
     assert [r.allowed for r in results[3:]] == [True] * 5
     assert await policy.get_user_service_count("u") == 2
     assert await asyncio.gather(
-        policy.unregister_service("u", "s0"), policy.unregister_service("u", "s1")
+        *(policy.unregister_service("u", s) for s in granted)
     ) == [True, True]
     assert await policy.get_user_service_count("u") == 0
 
@@ -298,13 +300,17 @@ async def test_check_many_beyond_one_batch_keeps_order(policy, monkeypatch):
     count = _pipeline.MAX_BATCH + 40
     await policy.set_user_profile(
         UserProfile.from_tier("big", UserTier.ADMIN).model_copy(
-            update={"max_requests_per_minute": 100_000}
+            update={"max_requests_per_minute": 1_200}
         )
     )
+    # A bucket lives in Redis for as long as it takes to refill, measured
+    # by Redis's own clock, not the test's. Emptied by half first, it
+    # lives half a minute: ample, however slow the machine.
+    assert (await policy.check_rate_limit("big", cost=600)).remaining == 600
     spy = BatchSpy(monkeypatch)
     results = await policy.check_many(["big"] * count)
     assert [r.remaining for r in results] == [
-        100_000 - n for n in range(1, count + 1)
+        600 - n for n in range(1, count + 1)
     ]
     assert sorted(spy.sizes) == [40, _pipeline.MAX_BATCH]
 
