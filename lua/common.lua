@@ -101,43 +101,65 @@ local function read_profile(key, defaults)
   return p
 end
 
--- A token bucket is one string, "tokens timestamp" (microseconds): a
--- short string is stored inline with its key, the least memory a tracked
--- user can cost. A missing bucket reads as full. Tokens never exceed the
--- capacity, and a clock that went backwards refills nothing: the stored
--- timestamp is kept until the clock passes it again.
-local function read_bucket(key, capacity, now)
-  -- pcall: a key of another type (written by an older layout) is read as
-  -- a full bucket and replaced by the next write, never an error.
+-- A token bucket is one integer: the nanosecond at which it is full again
+-- (GCRA's "theoretical arrival time"). Redis keeps an integer value inside
+-- the key's own object, the least memory a tracked user can cost. Lua
+-- numbers hold 53 bits, too few for nanoseconds since 1970, so the value
+-- is read and written as microseconds followed by three more digits.
+--
+-- A bucket's "debt" is how many nanoseconds it is from full; a missing
+-- bucket owes nothing. It never owes more than a whole refill, unless the
+-- server's clock stepped back: see debt_for_decision.
+local function read_debt(key, now)
+  -- pcall: a key of another type is read as a full bucket and replaced by
+  -- the next write, never an error; so is a value of another form.
   local state = redis.pcall('GET', key)
   if type(state) ~= 'string' then
-    return capacity, now
+    return 0
   end
-  local tokens, ts = string.match(state, '^(%S+) (%S+)$')
-  tokens, ts = tonumber(tokens), tonumber(ts)
-  if tokens == nil or ts == nil then
-    return capacity, now
+  local us, ns = string.match(state, '^(%d+)(%d%d%d)$')
+  if us == nil then
+    return 0
   end
-  return tokens, ts
+  return math.max(0, (tonumber(us) - now) * 1000 + tonumber(ns))
 end
 
-local function refill(tokens, ts, capacity, per_us, now)
-  if now > ts then
-    tokens = tokens + (now - ts) * per_us
-    ts = now
-  end
-  return math.min(capacity, tokens), ts
-end
-
--- Stores a bucket, or deletes it when full: a missing bucket reads as full,
--- so an idle user leaves nothing behind. The TTL is the time to refill.
-local function write_bucket(key, tokens, ts, capacity, per_us)
-  if tokens >= capacity then
+-- Stores a bucket `debt` nanoseconds from full, rounded down to a whole
+-- nanosecond (in the user's favour by less than one), or deletes it when
+-- full: an idle user leaves nothing behind. The TTL is the debt.
+local function write_debt(key, debt, now)
+  debt = math.floor(debt)
+  if debt <= 0 then
     redis.call('DEL', key)
     return
   end
-  local ttl_ms = math.ceil((capacity - tokens) / per_us / 1000) + 1
-  redis.call('SET', key, fstr(tokens) .. ' ' .. fstr(ts), 'PX', ttl_ms)
+  local full = fstr(now + math.floor(debt / 1000))
+  redis.call('SET', key, full .. string.format('%03d', debt % 1000),
+             'PX', math.ceil(debt / 1e6) + 1)
+end
+
+-- The debt a decision starts from. A debt beyond `refill_ns` (the time an
+-- empty bucket takes to fill) means the server's clock stepped back since
+-- the bucket was written; the bucket is then stored as empty from now. So
+-- a step creates no tokens, and costs at most one refill however long it
+-- was; a shorter step is owed as it is, and paid back as the clock runs.
+local function debt_for_decision(key, now, refill_ns)
+  local debt = read_debt(key, now)
+  if debt > refill_ns then
+    debt = refill_ns
+    write_debt(key, debt, now)
+  end
+  return debt
+end
+
+-- The tokens of a bucket of `capacity` that is `debt` nanoseconds from full.
+local function bucket_tokens(debt, capacity, ns_per_token)
+  return math.max(0, capacity - debt / ns_per_token)
+end
+
+-- Nanoseconds until `cost` tokens fit in that bucket (> 0 when they do not).
+local function bucket_wait(debt, capacity, ns_per_token, cost)
+  return debt - (capacity - cost) * ns_per_token
 end
 
 -- Drops leases whose expiry (milliseconds) has passed, with their metadata.

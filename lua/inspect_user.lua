@@ -1,7 +1,7 @@
 -- inspect_user.lua: reads a user's live state without changing it.
 --
 -- KEYS[1]  profile hash
--- KEYS[2]  request bucket, the string "tokens microseconds"
+-- KEYS[2]  request bucket: the nanosecond it is full again (see common)
 -- KEYS[3]  start-rate bucket, likewise
 -- KEYS[4]  leases: sorted set, member = service id, score = expiry (ms)
 -- KEYS[5]  lease metadata hash: service id -> "memory cpu fence"
@@ -29,7 +29,7 @@ local clock = ARGV[1]
 local defaults = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
                   tonumber(ARGV[5]), tonumber(ARGV[6]), tier = ARGV[7]}
 local burst = tonumber(ARGV[8])
-local start_per_us = tonumber(ARGV[9]) / 60e6
+local ns_per_start = 60e9 / tonumber(ARGV[9])
 local history_ms = tonumber(ARGV[10])
 
 local profile, bad_field = read_profile(KEYS[1], defaults)
@@ -40,14 +40,14 @@ end
 local now = now_us(clock)
 local now_ms = math.floor(now / 1000)
 
-local function level(key, capacity, per_us)
-  local tokens, ts = read_bucket(key, capacity, now)
-  tokens = refill(tokens, ts, capacity, per_us, now)
-  return fstr(tokens)
+local function level(key, capacity, ns_per_token)
+  -- As debt_for_decision reads it, without storing anything.
+  local debt = math.min(read_debt(key, now), capacity * ns_per_token)
+  return fstr(bucket_tokens(debt, capacity, ns_per_token))
 end
 
-local out = {'ok', level(KEYS[2], profile.rpm, profile.rpm / 60e6),
-             level(KEYS[3], burst, start_per_us),
+local out = {'ok', level(KEYS[2], profile.rpm, 60e9 / profile.rpm),
+             level(KEYS[3], burst, ns_per_start),
              redis.call('ZCOUNT', KEYS[6],
                         '(' .. fstr(now - history_ms * 1000), '+inf'),
              fstr(now_ms)}

@@ -4,7 +4,7 @@
 -- refilled continuously at that many tokens per minute.
 --
 -- KEYS[1]  profile hash (read only)
--- KEYS[2]  request bucket, the string "tokens microseconds"
+-- KEYS[2]  request bucket: the nanosecond it is full again (see common)
 -- ARGV[1]  clock override in microseconds, '' for the server's TIME
 -- ARGV[2]  cost in tokens (> 0, may be fractional)
 -- ARGV[3..7]  default profile: concurrent, memory MB, CPU %,
@@ -22,9 +22,10 @@
 --   reset_after  seconds until the bucket is full again, as a string
 -- For 'corrupt', slot 2 names the profile field that failed to parse.
 --
--- Writes: the bucket (TTL = time to refill; deleted when full).
--- Nothing is written on denial, so a server out of memory refuses the
--- first write and nothing is half-done.
+-- Writes: the bucket (TTL = time to refill; deleted when full). Nothing
+-- is written on denial, except a bucket emptied after the server's clock
+-- stepped back (see common); either way the one write is the first, so
+-- a server out of memory refuses it and nothing is half-done.
 
 local profile_key, bucket_key = KEYS[1], KEYS[2]
 local clock = ARGV[1]
@@ -39,24 +40,23 @@ end
 
 local now = now_us(clock)
 local capacity = profile.rpm
-local per_us = capacity / 60e6
+local ns_per_token = 60e9 / capacity
+local debt = debt_for_decision(bucket_key, now, capacity * ns_per_token)
 
-local tokens, ts = read_bucket(bucket_key, capacity, now)
-tokens, ts = refill(tokens, ts, capacity, per_us, now)
-
-local function reply(status, retry_us)
-  local reset_us = (capacity - tokens) / per_us
-  local retry = retry_us < 0 and '-1' or fstr(retry_us / 1e6)
-  return {status, capacity, math.floor(tokens), retry, fstr(reset_us / 1e6)}
+local function reply(status, retry_ns)
+  local tokens = bucket_tokens(debt, capacity, ns_per_token)
+  local retry = retry_ns < 0 and '-1' or fstr(retry_ns / 1e9)
+  return {status, capacity, math.floor(tokens), retry, fstr(debt / 1e9)}
 end
 
 if cost > capacity then
   return reply('deny', -1)
 end
-if tokens < cost then
-  return reply('deny', (cost - tokens) / per_us)
+local wait = bucket_wait(debt, capacity, ns_per_token, cost)
+if wait > 0 then
+  return reply('deny', wait)
 end
 
-tokens = tokens - cost
-write_bucket(bucket_key, tokens, ts, capacity, per_us)
+debt = math.floor(debt + cost * ns_per_token)
+write_debt(bucket_key, debt, now)
 return reply('ok', 0)

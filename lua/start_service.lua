@@ -8,7 +8,7 @@
 -- renewed and reserves nothing twice.
 --
 -- KEYS[1]  profile hash (read only)
--- KEYS[2]  start-rate bucket, the string "tokens microseconds"
+-- KEYS[2]  start-rate bucket: the nanosecond it is full again
 -- KEYS[3]  leases: sorted set, member = service id, score = expiry (ms)
 -- KEYS[4]  lease metadata hash: service id -> "memory cpu fence"
 -- KEYS[5]  start history: sorted set, member = fence, score = start (us)
@@ -48,7 +48,9 @@
 --
 -- Writes only on 'ok' and 'running': the lease, its metadata and the
 -- fencing counter (TTL = the latest lease, the counter plus the grace), the
--- start bucket (TTL = time to refill) and the history (TTL = the window).
+-- start bucket (TTL = time to refill) and the history (TTL = the window);
+-- and, before any check that follows it, a start bucket emptied after the
+-- server's clock stepped back (see common).
 
 local profile_key, bucket_key, svc_key, meta_key, starts_key, fence_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -62,7 +64,7 @@ local memory = tonumber(ARGV[10])
 local cpu = tonumber(ARGV[11])
 local lease_ms = tonumber(ARGV[12])
 local burst = tonumber(ARGV[13])
-local per_us = tonumber(ARGV[14]) / 60e6
+local ns_per_start = 60e9 / tonumber(ARGV[14])
 local overloaded = ARGV[15] == '1'
 local history_ms = tonumber(ARGV[16])
 local rapid_ms = tonumber(ARGV[17])
@@ -112,10 +114,10 @@ if held_until and held_until > now_ms then
           fstr(expiry_ms) .. ' ' .. rapid_count()}
 end
 
-local tokens, ts = read_bucket(bucket_key, burst, now)
-tokens, ts = refill(tokens, ts, burst, per_us, now)
-if tokens < 1 then
-  return deny('rate', fstr((1 - tokens) / per_us / 1e6))
+local start_debt = debt_for_decision(bucket_key, now, burst * ns_per_start)
+local start_wait = bucket_wait(start_debt, burst, ns_per_start, 1)
+if start_wait > 0 then
+  return deny('rate', fstr(start_wait / 1e9))
 end
 
 local running = redis.call('ZCOUNT', svc_key, live_min, '+inf')
@@ -170,7 +172,7 @@ local fence = next_fence(fence_key, now)
 purge_leases(svc_key, meta_key, now_ms)
 redis.call('ZREMRANGEBYSCORE', starts_key, '-inf',
            fstr(now - history_ms * 1000))
-write_bucket(bucket_key, tokens - 1, ts, burst, per_us)
+write_debt(bucket_key, start_debt + ns_per_start, now)
 redis.call('ZADD', svc_key, fstr(expiry_ms), service_id)
 redis.call('HSET', meta_key, service_id,
            fstr(memory) .. ' ' .. fstr(cpu) .. ' ' .. fstr(fence))

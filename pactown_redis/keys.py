@@ -3,8 +3,8 @@
 Layout, for namespace ``ns`` and an encoded user id ``U``::
 
     ns:{U}:profile    hash     the user's profile (kept until deleted)
-    ns:{U}:rl         string   request bucket "tokens microseconds" (TTL:
-                               time to refill)
+    ns:{U}:rl         string   request bucket: the nanosecond it is full
+                               again, an integer (TTL: time to refill)
     ns:{U}:sr         string   start-rate bucket, likewise
     ns:{U}:svc        zset     leases, score = expiry in ms
     ns:{U}:svcmeta    hash     lease metadata "memory cpu fence"

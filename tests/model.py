@@ -95,10 +95,9 @@ class Limits:
 
 @dataclass
 class Bucket:
-    """A stored token bucket: tokens at time ts (microseconds)."""
+    """A stored token bucket: the nanosecond at which it is full again."""
 
-    tokens: float
-    ts: float
+    full_ns: int
 
 
 @dataclass
@@ -239,45 +238,76 @@ class Model:
     # -- buckets -----------------------------------------------------------
 
     @staticmethod
-    def _level(
-        bucket: Optional[Bucket], capacity: float, per_us: float, now: float
-    ) -> tuple[float, float]:
-        """Tokens and timestamp at ``now``; a missing bucket is full, and a
-        clock behind the stored timestamp refills nothing."""
-        tokens, ts = (capacity, now) if bucket is None else (
-            bucket.tokens, bucket.ts
-        )
-        if now > ts:
-            tokens = tokens + (now - ts) * per_us
-            ts = now
-        return min(capacity, tokens), ts
+    def _debt(bucket: Optional[Bucket], now: float) -> float:
+        """Nanoseconds until the bucket is full; none for a missing one."""
+        if bucket is None:
+            return 0.0
+        return float(max(0, bucket.full_ns - int(now) * 1000))
+
+    def _debt_for_decision(
+        self, bucket: Optional[Bucket], now: float, refill_ns: float
+    ) -> tuple[float, Optional[Bucket]]:
+        """The debt a decision starts from, and the bucket then stored: a
+        debt beyond a whole refill (the clock stepped back) is emptied
+        from ``now``."""
+        debt = self._debt(bucket, now)
+        if debt > refill_ns:
+            return refill_ns, self._stored(refill_ns, now)
+        return debt, bucket
 
     @staticmethod
-    def _stored(tokens: float, ts: float, capacity: float) -> Optional[Bucket]:
-        return None if tokens >= capacity else Bucket(tokens, ts)
+    def _tokens(debt: float, capacity: float, ns_per_token: float) -> float:
+        return max(0.0, capacity - debt / ns_per_token)
+
+    def _level(
+        self,
+        bucket: Optional[Bucket],
+        now: float,
+        capacity: float,
+        ns_per_token: float,
+    ) -> float:
+        """The tokens a state read reports, storing nothing."""
+        debt = min(self._debt(bucket, now), capacity * ns_per_token)
+        return self._tokens(debt, capacity, ns_per_token)
+
+    @staticmethod
+    def _wait(
+        debt: float, capacity: float, ns_per_token: float, cost: float
+    ) -> float:
+        return debt - (capacity - cost) * ns_per_token
+
+    @staticmethod
+    def _stored(debt: float, now: float) -> Optional[Bucket]:
+        """The bucket written ``debt`` ns from full: whole nanoseconds,
+        rounded down; none when full."""
+        whole = math.floor(debt)
+        return None if whole <= 0 else Bucket(int(now) * 1000 + whole)
 
     def rate_limit(self, user_id: str, cost: float, now: float) -> RateLimitResult:
         data = self.user(user_id)
         capacity = self.limits(user_id).rpm
-        per_us = capacity / 60e6
-        tokens, ts = self._level(data.requests, capacity, per_us, now)
+        ns_per_token = 60e9 / capacity
+        debt, data.requests = self._debt_for_decision(
+            data.requests, now, capacity * ns_per_token
+        )
 
-        def answer(allowed: bool, retry_us: float) -> RateLimitResult:
-            reset_us = (capacity - tokens) / per_us
+        def answer(allowed: bool, retry_ns: float) -> RateLimitResult:
+            tokens = self._tokens(debt, capacity, ns_per_token)
             return RateLimitResult(
                 allowed=allowed,
                 limit=int(capacity),
                 remaining=int(math.floor(tokens)),
-                retry_after=math.inf if retry_us < 0 else retry_us / 1e6,
-                reset_after=reset_us / 1e6,
+                retry_after=math.inf if retry_ns < 0 else retry_ns / 1e9,
+                reset_after=debt / 1e9,
             )
 
         if cost > capacity:
             return answer(False, -1)
-        if tokens < cost:
-            return answer(False, (cost - tokens) / per_us)
-        tokens = tokens - cost
-        data.requests = self._stored(tokens, ts, capacity)
+        wait = self._wait(debt, capacity, ns_per_token, cost)
+        if wait > 0:
+            return answer(False, wait)
+        debt = float(math.floor(debt + cost * ns_per_token))
+        data.requests = self._stored(debt, now)
         return answer(True, 0)
 
     # -- leases ------------------------------------------------------------
@@ -343,11 +373,14 @@ class Model:
                 memory, cpu, rapid=None,
             )
 
-        per_us = cfg.start_per_minute / 60e6
+        ns_per_start = 60e9 / cfg.start_per_minute
         burst = float(cfg.start_burst)
-        tokens, ts = self._level(data.start_rate, burst, per_us, now)
-        if tokens < 1:
-            retry = (1 - tokens) / per_us / 1e6
+        start_debt, data.start_rate = self._debt_for_decision(
+            data.start_rate, now, burst * ns_per_start
+        )
+        wait = self._wait(start_debt, burst, ns_per_start, 1)
+        if wait > 0:
+            retry = wait / 1e9
             return self._deny(
                 f"Rate limit exceeded. Wait {retry:.1f}s",
                 AnomalyType.RATE_LIMIT_EXCEEDED,
@@ -413,7 +446,7 @@ class Model:
         fence = self._next_fence(data, now)
         self._purge(data, now_ms)
         data.starts = {m: s for m, s in data.starts.items() if s > horizon}
-        data.start_rate = self._stored(tokens - 1, ts, burst)
+        data.start_rate = self._stored(start_debt + ns_per_start, now)
         data.leases[service_id] = expiry_ms
         data.meta[service_id] = (memory, cpu, fence)
         data.starts["%.17g" % fence] = now
@@ -614,10 +647,14 @@ class Model:
 
     def moments(self) -> list[float]:
         """Times (us) at which a rule's outcome may change by itself: lease
-        expiries and the ends of the rapid-restart and hourly windows."""
+        expiries, buckets filling up and the ends of the rapid-restart and
+        hourly windows."""
         found = []
         for data in self.users.values():
             found += [expiry * 1000 for expiry in data.leases.values()]
+            for bucket in (data.requests, data.start_rate):
+                if bucket is not None:
+                    found.append(bucket.full_ns / 1000)
             for score in data.starts.values():
                 found += [score + RAPID_WINDOW_MS * 1000, score + HOUR_MS * 1000]
         return found
@@ -627,12 +664,12 @@ class Model:
         p = self.limits(user_id)
         cfg = self.config
         now_ms = float(math.floor(now / 1000))
-        tokens, _ = self._level(data.requests, p.rpm, p.rpm / 60e6, now)
-        start_tokens, _ = self._level(
+        tokens = self._level(data.requests, now, p.rpm, 60e9 / p.rpm)
+        start_tokens = self._level(
             data.start_rate,
-            float(cfg.start_burst),
-            cfg.start_per_minute / 60e6,
             now,
+            float(cfg.start_burst),
+            60e9 / cfg.start_per_minute,
         )
         horizon = now - HOUR_MS * 1000
         started = sum(1 for s in data.starts.values() if s > horizon)

@@ -416,7 +416,8 @@ async def test_stalled_replica_learns_its_lease_was_lost(make_shared, clock, how
 )
 async def test_fences_only_grow(make_shared, redis_client, clock, steps):
     """Each new lease of a user gets a larger fence than every earlier one."""
-    policy = make_shared(lease_ttl=LEASE_S)
+    # A start bucket that a 600 s step back leaves far from empty.
+    policy = make_shared(lease_ttl=LEASE_S, start_burst=10_000)
     await policy.set_user_profile(_profile(max_concurrent_services=3))
     keys = policy.keys.user(USER)
     fences = []

@@ -46,16 +46,33 @@ async def test_refill_follows_the_clock(policy, clock):
     assert result.reset_after == pytest.approx(3.0)
 
 
-async def test_clock_going_backwards_creates_no_tokens(policy, clock):
-    """A server clock that steps back refills nothing until it catches up."""
-    for _ in range(20):
+async def test_clock_stepping_back_far_empties_the_bucket(policy, clock):
+    """A server clock that steps back by more than a refill creates no
+    tokens: the bucket is empty from then and refills as usual."""
+    for _ in range(10):
         await policy.check_rate_limit("u")
     clock.advance(-600)
-    assert not (await policy.check_rate_limit("u")).allowed
-    clock.advance(600 + 2.9)
+    denied = await policy.check_rate_limit("u")
+    assert (denied.allowed, denied.remaining) == (False, 0)
+    assert denied.retry_after == pytest.approx(3.0)
+    clock.advance(2.9)
     assert not (await policy.check_rate_limit("u")).allowed
     clock.advance(0.1)
     assert (await policy.check_rate_limit("u")).allowed
+    assert (await policy.get_user_state("u")).tokens == 0
+
+
+async def test_clock_stepping_back_a_little_is_owed(policy, clock):
+    """A shorter step is owed by the bucket and paid back as the clock
+    runs: ten tokens spent and a 9 s step leave seven, and the ten come
+    back once the clock has caught up."""
+    for _ in range(10):
+        await policy.check_rate_limit("u")
+    clock.advance(-9)
+    assert (await policy.get_user_state("u")).tokens == 7
+    clock.advance(9)
+    assert (await policy.get_user_state("u")).tokens == 10
+    assert (await policy.check_rate_limit("u")).remaining == 9
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,20 @@ async def test_start_rate_is_its_own_bucket(make_policy, clock):
     assert (await start(policy, "s10")).allowed
 
 
+async def test_start_bucket_after_a_far_clock_step_back(make_policy, clock):
+    """A server clock stepping back by more than the start bucket's refill
+    empties it from then: the next start waits one refill of a start."""
+    policy = make_policy()
+    await policy.set_user_profile(UserProfile.from_tier("u", UserTier.ADMIN))
+    assert (await start(policy, "s0")).allowed
+    clock.advance(-60)
+    denied = await start(policy, "s1")
+    assert denied.reason == "Rate limit exceeded. Wait 1.0s"
+    assert (await policy.get_user_state("u")).start_tokens == 0
+    clock.advance(1)
+    assert (await start(policy, "s1")).allowed
+
+
 @pytest.mark.parametrize(
     ("ports", "port", "allowed"),
     [
@@ -205,8 +219,10 @@ async def test_register_from_another_replica(make_policy):
     assert "a" in second.held_leases()["u"]
 
 
-async def test_fences_grow(policy, clock):
+async def test_fences_grow(make_policy, clock):
     """Each reservation gets a larger fencing token than the last."""
+    # A start bucket that a 100 s step back leaves far from empty.
+    policy = make_policy(start_burst=1000)
     fences = []
     for name in ("a", "b"):
         fences.append((await start(policy, name)).fence)
