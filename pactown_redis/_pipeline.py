@@ -5,11 +5,13 @@ owns a few connections, its *lanes*. A call made while nothing is in
 flight goes out at once, alone, so one task alone pays one round trip per
 call. A call made while other calls are in flight waits for the event
 loop's current pass to end: the tasks woken by the last replies make their
-next calls in that pass, and they all leave together, as one write on a
-free lane (or on the first lane to come free), their replies read back in
-order. Many tasks thus pay one round trip per batch, and with two lanes
-Redis runs one batch while the client reads the other's replies and
-writes the next.
+next calls in that pass, and they leave together, as one write per free
+lane (or on the first lane to come free), their replies read back in
+order. Many tasks thus pay one round trip per batch. The waiting calls
+are split evenly between the free lanes, so that Redis runs one batch
+while the client reads the other's replies and writes the next; sent as
+one batch, the calls of tasks woken together would keep Redis and the
+client taking turns. The calls of one ``call_many`` are never split.
 
 Pipelining changes no decision: each call is still one ``EVALSHA`` that
 Redis runs atomically and on its own; only the packets are shared.
@@ -47,7 +49,7 @@ import redis.exceptions as rx
 from ._cluster import is_cluster
 from .scripts import ScriptCall
 
-__all__ = ["AutoPipeline", "LANES", "MAX_BATCH"]
+__all__ = ["AutoPipeline", "LANES", "MAX_BATCH", "MIN_SHARE"]
 
 T = TypeVar("T")
 
@@ -59,6 +61,10 @@ LANES = 2
 #: burst cannot build a reply larger than the client reads comfortably.
 MAX_BATCH = 512
 
+#: The smallest share of waiting calls a lane takes when they are split
+#: between free lanes; fewer calls than that are not split.
+MIN_SHARE = 8
+
 # Failures after which a cluster client must learn the topology again.
 _CLUSTER_MOVING = (
     rx.ConnectionError,
@@ -67,9 +73,10 @@ _CLUSTER_MOVING = (
     rx.SlotNotCoveredError,
 )
 
-# A call waiting for a batch: the future its caller awaits and the loop
-# time by which the caller must have its answer.
-_Waiting = tuple[ScriptCall, "asyncio.Future[Any]", float]
+# A call waiting for a batch: the future its caller awaits, the loop time
+# by which the caller must have its answer, and whether it is the last of
+# the calls made together (by one call_many), which share one batch.
+_Waiting = tuple[ScriptCall, "asyncio.Future[Any]", float, bool]
 
 # A call's place among the replies before its reply is read.
 _UNSENT = object()
@@ -145,9 +152,11 @@ class AutoPipeline:
         self, calls: Sequence[ScriptCall], timeout: float
     ) -> list[Any]:
         """Return the replies of ``calls``, in order, within ``timeout``
-        seconds. They leave together: at once when nothing is in flight,
-        else with the calls made in the same pass of the event loop. A
-        call's error reply, or its failure, takes its place in the list.
+        seconds. They leave together, in order: at once when nothing is
+        in flight, else with the calls made in the same pass of the event
+        loop; more than ``MAX_BATCH`` leave that many at a time, each part
+        once the previous one is answered. A call's error reply, or its
+        failure, takes its place in the list.
 
         Raises:
             asyncio.TimeoutError: no reply in time (sent at once).
@@ -158,8 +167,14 @@ class AutoPipeline:
         if not calls:
             return []
         deadline = loop.time() + timeout
-        idle = len(self._free) == self._lanes and not self._waiting
-        if idle and len(calls) <= MAX_BATCH:
+        if len(calls) > MAX_BATCH:
+            replies: list[Any] = []
+            for start in range(0, len(calls), MAX_BATCH):
+                left = max(0.0, deadline - loop.time())
+                part = calls[start:start + MAX_BATCH]
+                replies += await self.call_many(part, left)
+            return replies
+        if len(self._free) == self._lanes and not self._waiting:
             # Nothing in flight: no batch to join, so no reason to wait.
             lane = self._free.pop()
             try:
@@ -167,7 +182,11 @@ class AutoPipeline:
             finally:
                 self._done_with(lane)
             return [r.error if isinstance(r, _Failed) else r for r in replies]
-        futures = [self._enqueue(call, deadline) for call in calls]
+        last = len(calls) - 1
+        futures = [
+            self._enqueue(call, deadline, i == last)
+            for i, call in enumerate(calls)
+        ]
         if self._free and not self._kick_due:
             # Other calls are in flight, so more are likely on their way:
             # the tasks their replies woke run before the kick does, and
@@ -195,15 +214,17 @@ class AutoPipeline:
             self._reset()
         return loop
 
-    def _enqueue(self, call: ScriptCall, deadline: float) -> "asyncio.Future[Any]":
+    def _enqueue(
+        self, call: ScriptCall, deadline: float, last: bool
+    ) -> "asyncio.Future[Any]":
         assert self._loop is not None
         future = self._loop.create_future()
-        self._waiting.append((call, future, deadline))
+        self._waiting.append((call, future, deadline, last))
         return future
 
     def _kick(self) -> None:
         self._kick_due = False
-        if self._waiting and self._free:
+        while self._waiting and self._free:
             self._done_with(self._free.pop())
 
     def _done_with(self, lane: int) -> None:
@@ -213,43 +234,67 @@ class AutoPipeline:
             return
         assert self._loop is not None
         task = self._loop.create_task(
-            self._drain(lane), name="pactown-redis pipeline"
+            self._drain(lane, self._share()), name="pactown-redis pipeline"
         )
         self._drainers.add(task)
         task.add_done_callback(self._drainers.discard)
 
-    async def _drain(self, lane: int) -> None:
+    def _share(self) -> list[_Waiting]:
+        # Takes one lane's share of the waiting calls, split evenly with
+        # the other free lanes (see the module's notes).
+        waiting = self._waiting
+        count = len(waiting)
+        size = -(-count // (1 + len(self._free)))
+        if size < MIN_SHARE:
+            size = count
+        size = min(size, MAX_BATCH)
+        # The calls of one call_many stay together, and so in order: the
+        # cut moves to the end of their group, or before it when that end
+        # lies beyond MAX_BATCH (a group is never longer).
+        end = size
+        while end < count and not waiting[end - 1][3]:
+            end += 1
+        if end > MAX_BATCH:
+            end = size
+            while end > 1 and not waiting[end - 1][3]:
+                end -= 1
+        batch = waiting[:end]
+        del waiting[:end]
+        return batch
+
+    async def _drain(self, lane: int, batch: list[_Waiting]) -> None:
         assert self._loop is not None
         try:
-            while self._waiting:
-                batch = self._waiting[:MAX_BATCH]
-                del self._waiting[:MAX_BATCH]
+            while batch:
                 now = self._loop.time()
-                for _, future, deadline in batch:
+                for _, future, deadline, _ in batch:
                     if deadline <= now and not future.done():
                         future.set_exception(asyncio.TimeoutError())
                 live = [each for each in batch if not each[1].done()]
                 if live:
                     await self._answer(lane, live)
+                batch = self._share() if self._waiting else []
+                if self._waiting and self._free:
+                    self._kick()
         finally:
             self._free.append(lane)
 
     async def _answer(self, lane: int, batch: list[_Waiting]) -> None:
         # One deadline for the batch, its most urgent call's: a call that
         # waited for the previous batch has less time left than a new one.
-        deadline = min(deadline for _, _, deadline in batch)
+        deadline = min(deadline for _, _, deadline, _ in batch)
         try:
             replies = await _until(
-                deadline, self._send(lane, [call for call, _, _ in batch])
+                deadline, self._send(lane, [each[0] for each in batch])
             )
         except BaseException as exc:
-            for _, future, _ in batch:
+            for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(_copy_error(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for (_, future, _), reply in zip(batch, replies):
+        for (_, future, _, _), reply in zip(batch, replies):
             if future.done():
                 continue
             if isinstance(reply, _Failed):

@@ -296,23 +296,54 @@ async def test_check_many_is_one_batch(policy, monkeypatch):
 
 
 async def test_check_many_beyond_one_batch_keeps_order(policy, monkeypatch):
-    """More debits than one batch carries are split, answered in order."""
-    count = _pipeline.MAX_BATCH + 40
+    """More debits than two batches carry are split between the lanes, no
+    batch over MAX_BATCH, and answered in order."""
+    count = 2 * _pipeline.MAX_BATCH + 40
     await policy.set_user_profile(
         UserProfile.from_tier("big", UserTier.ADMIN).model_copy(
-            update={"max_requests_per_minute": 1_200}
+            update={"max_requests_per_minute": 4_000}
         )
     )
     # A bucket lives in Redis for as long as it takes to refill, measured
     # by Redis's own clock, not the test's. Emptied by half first, it
     # lives half a minute: ample, however slow the machine.
-    assert (await policy.check_rate_limit("big", cost=600)).remaining == 600
+    assert (await policy.check_rate_limit("big", cost=2_000)).remaining == 2_000
     spy = BatchSpy(monkeypatch)
     results = await policy.check_many(["big"] * count)
     assert [r.remaining for r in results] == [
-        600 - n for n in range(1, count + 1)
+        2_000 - n for n in range(1, count + 1)
     ]
-    assert sorted(spy.sizes) == [40, _pipeline.MAX_BATCH]
+    assert sorted(spy.sizes) == [40, _pipeline.MAX_BATCH, _pipeline.MAX_BATCH]
+
+
+@pytest.mark.parametrize(
+    ("groups", "other_free", "taken"),
+    [
+        ([1] * 40, 1, 20),  # halved with the other free lane
+        ([1] * 41, 1, 21),
+        ([1] * 40, 0, 40),  # no other lane free: all of them
+        ([1] * 15, 1, 8),  # halves of at least MIN_SHARE
+        ([1] * 14, 1, 14),  # smaller halves: not split
+        ([1] * 3, 1, 3),
+        ([1] * (2 * _pipeline.MAX_BATCH + 2), 1, _pipeline.MAX_BATCH),
+        ([16, 16, 16], 1, 32),  # one call_many's calls stay together
+        ([1, 30, 1], 1, 31),
+        ([500, 30], 0, 500),  # the cut moves back within MAX_BATCH
+    ],
+)
+def test_waiting_calls_are_split_between_free_lanes(groups, other_free, taken):
+    """A lane takes its share of the waiting calls, so that calls made
+    together leave as batches Redis and the client work on in turn; the
+    calls of one call_many are never parted."""
+    pipe = AutoPipeline(object(), lambda *_: False)
+    pipe._waiting = [
+        (None, None, 0.0, i == size - 1)  # type: ignore[misc]
+        for size in groups
+        for i in range(size)
+    ]
+    pipe._free = list(range(other_free))
+    assert len(pipe._share()) == taken
+    assert len(pipe._waiting) == sum(groups) - taken
 
 
 @pytest.mark.parametrize(
