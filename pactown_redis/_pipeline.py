@@ -168,12 +168,7 @@ class AutoPipeline:
             return []
         deadline = loop.time() + timeout
         if len(calls) > MAX_BATCH:
-            replies: list[Any] = []
-            for start in range(0, len(calls), MAX_BATCH):
-                left = max(0.0, deadline - loop.time())
-                part = calls[start:start + MAX_BATCH]
-                replies += await self.call_many(part, left)
-            return replies
+            return await self._in_parts(calls, deadline)
         if len(self._free) == self._lanes and not self._waiting:
             # Nothing in flight: no batch to join, so no reason to wait.
             lane = self._free.pop()
@@ -202,6 +197,25 @@ class AutoPipeline:
                 return [exc]
         await asyncio.wait(futures)
         return [_outcome(future) for future in futures]
+
+    async def _in_parts(
+        self, calls: Sequence[ScriptCall], deadline: float
+    ) -> list[Any]:
+        # One part at a time, each once the previous one is answered, so
+        # that the calls keep their order. A part that fails fails its own
+        # calls; once the deadline has passed, the rest are not sent.
+        assert self._loop is not None
+        replies: list[Any] = []
+        for start in range(0, len(calls), MAX_BATCH):
+            part = calls[start:start + MAX_BATCH]
+            left = deadline - self._loop.time()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError()
+                replies += await self.call_many(part, left)
+            except (asyncio.TimeoutError, rx.RedisError, OSError) as exc:
+                replies += [_copy_error(exc) for _ in part]
+        return replies
 
     # -- waiting ----------------------------------------------------------------
 

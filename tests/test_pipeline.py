@@ -316,6 +316,42 @@ async def test_check_many_beyond_one_batch_keeps_order(policy, monkeypatch):
     assert sorted(spy.sizes) == [40, _pipeline.MAX_BATCH, _pipeline.MAX_BATCH]
 
 
+async def test_check_many_in_parts_fails_only_the_parts_out_of_time(
+    make_policy, monkeypatch
+):
+    """Beyond one batch, a part that misses the deadline is decided by the
+    fail mode, the parts before it stand, and the rest are not sent."""
+    policy = make_policy(timeout=0.3, rate_limit_fail_mode="closed")
+    await policy.set_user_profile(
+        UserProfile.from_tier("big", UserTier.ADMIN).model_copy(
+            update={"max_requests_per_minute": 4_000}
+        )
+    )
+    assert (await policy.check_rate_limit("big", cost=2_000)).remaining == 2_000
+    batches = 0
+    original = AutoPipeline._pipeline
+
+    async def second_part_hangs(pipe, lane, calls, indexes, replies, **kw):
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            await asyncio.Event().wait()  # until the deadline cancels it
+        await original(pipe, lane, calls, indexes, replies, **kw)
+
+    monkeypatch.setattr(AutoPipeline, "_pipeline", second_part_hangs)
+    results = await policy.check_many(["big"] * (2 * _pipeline.MAX_BATCH + 40))
+    first, rest = results[: _pipeline.MAX_BATCH], results[_pipeline.MAX_BATCH :]
+    assert [r.remaining for r in first] == [
+        2_000 - n for n in range(1, _pipeline.MAX_BATCH + 1)
+    ]
+    assert not any(r.degraded for r in first)
+    assert all(r.degraded and not r.allowed for r in rest)
+    assert batches == 2
+    monkeypatch.undo()
+    state = await policy.get_user_state("big")
+    assert state.tokens == 2_000 - _pipeline.MAX_BATCH
+
+
 @pytest.mark.parametrize(
     ("groups", "other_free", "taken"),
     [
