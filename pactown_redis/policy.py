@@ -365,7 +365,9 @@ class SecurityPolicy:
         one user may appear many times, and is debited in order. Each debit
         is decided exactly as :meth:`check_rate_limit` decides it, denials
         and their anomalies included; the debits only share the trip to
-        Redis. Without Redis in time, every result comes from
+        Redis. Over 512 requests travel in parts of 512, each sent once the
+        previous one is answered. A debit Redis did not decide in time
+        (all of them, or a part and those after it) is decided by
         ``rate_limit_fail_mode``.
 
         Raises:
